@@ -1,0 +1,114 @@
+// omni_edge._C: the only file that includes pybind11.
+//
+// Every kernel entry point takes tensors as raw addresses (Python ints from tensor.data_ptr()) plus
+// sizes; the Python ops in omni_edge/ops/ validate dtype, device, contiguity, shapes and ranges before
+// calling here. Kernel statuses become exceptions: OE_ERR_INVALID_ARG / OE_ERR_OUT_OF_RANGE -> ValueError,
+// OE_ERR_UNSUPPORTED -> NotImplementedError, OE_ERR_CUDA -> RuntimeError. The GIL is released while a
+// kernel runs.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "common/cpu_features.h"
+#include "common/cuda_info.h"
+#include "common/oe.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void check(oe_status s) {
+  if (s == OE_OK) return;
+  const std::string msg = oe_last_error();
+  switch (s) {
+    case OE_ERR_INVALID_ARG:
+    case OE_ERR_OUT_OF_RANGE: throw py::value_error(msg);
+    case OE_ERR_UNSUPPORTED: throw py::type_error("unsupported: " + msg);
+    default: throw std::runtime_error(msg);
+  }
+}
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+using release_gil = py::call_guard<py::gil_scoped_release>;
+
+py::dict build_info() {
+  py::dict d;
+  const oe::CpuFeatures& f = oe::cpu_features();
+  py::dict feats;
+  feats["avx2"] = f.avx2;
+  feats["fma"] = f.fma;
+  feats["f16c"] = f.f16c;
+  feats["avx512f"] = f.avx512f;
+  feats["avx512bw"] = f.avx512bw;
+  feats["avx512vl"] = f.avx512vl;
+  feats["avx512dq"] = f.avx512dq;
+  feats["avx512vnni"] = f.avx512vnni;
+  feats["avx512bf16"] = f.avx512bf16;
+  feats["neon"] = f.neon;
+  d["cpu_features"] = feats;
+  d["isa_available"] = oe::isa_name(oe::isa_available());
+  d["isa_active"] = oe::isa_name(oe::isa_active());
+  d["threads"] = oe::num_threads();
+#if defined(OE_WITH_OPENMP)
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  d["cuda_compiled"] = oe::cuda_compiled();
+  d["cuda_archs"] = std::string(oe::cuda_archs());
+#if defined(OE_VERSION_INFO)
+  d["version"] = std::string(OE_VERSION_INFO);
+#endif
+  return d;
+}
+
+py::list cuda_devices() {
+  py::list out;
+  const int n = oe::cuda_device_count();
+  for (int i = 0; i < n; ++i) {
+    char name[256];
+    int major = 0, minor = 0;
+    if (!oe::cuda_device_info(i, name, sizeof(name), &major, &minor)) continue;
+    py::dict d;
+    d["index"] = i;
+    d["name"] = std::string(name);
+    d["capability"] = py::make_tuple(major, minor);
+    out.append(d);
+  }
+  return out;
+}
+
+oe::Isa isa_from_name(const std::string& s) {
+  if (s == "scalar") return oe::Isa::Scalar;
+  if (s == "neon") return oe::Isa::Neon;
+  if (s == "avx2") return oe::Isa::Avx2;
+  if (s == "avx512") return oe::Isa::Avx512;
+  throw py::value_error("isa must be one of scalar, neon, avx2, avx512; got '" + s + "'");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "omni-edge native kernels (torch-free; tensors are passed as raw addresses)";
+
+  // ---- common -----------------------------------------------------------------------------------
+  m.def("build_info", &build_info, "What this build contains and what the CPU offers");
+  m.def("cuda_devices", &cuda_devices, "GPUs visible to the CUDA runtime (empty without driver or device)");
+  m.def("set_isa_cap", [](const std::string& s) { oe::isa_set_cap(isa_from_name(s)); },
+        "Cap the CPU instruction set the kernels use (tests use it to exercise every path)");
+  m.def("isa_active", []() { return std::string(oe::isa_name(oe::isa_active())); });
+  m.def("set_num_threads", &oe::set_num_threads);
+  m.def("num_threads", &oe::num_threads);
+  m.def("cuda_stream_sync", [](uintptr_t stream) { check(oe::cuda_stream_sync(stream)); }, release_gil());
+
+  // ---- q4 (csrc/q4) -------------------------------------------------------------------------------
+
+  // ---- attention (csrc/attention) -----------------------------------------------------------------
+
+  // ---- rvq (csrc/rvq) -----------------------------------------------------------------------------
+}

@@ -1,0 +1,26 @@
+"""Access to the compiled kernel library `omni_edge._C`, with a clear error when it is missing."""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def lib():
+    """The `omni_edge._C` module. Raises ImportError with a fix if the package was not built."""
+    try:
+        from omni_edge import _C
+    except ImportError as e:  # pragma: no cover - depends on how the package was installed
+        raise ImportError(
+            "omni_edge._C (the native kernels) is not built. Install the package with "
+            "`pip install .` (or `pip install -e . --no-build-isolation` when developing): " + str(e)
+        ) from e
+    return _C
+
+
+def available() -> bool:
+    try:
+        lib()
+    except ImportError:
+        return False
+    return True

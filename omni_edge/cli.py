@@ -1,0 +1,67 @@
+"""The `omni-edge` command: one entry point, one module per subcommand.
+
+Each subcommand module defines `add_arguments(parser)` and `run(args) -> int` and keeps its heavy imports
+inside `run`, so `omni-edge --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Architecture as data: adding a subcommand is one line here.
+SUBCOMMANDS = {
+    "chat": ("omni_edge.chat", "chat with a model (interactive, or one-shot with --prompt)"),
+    "demo": ("omni_edge.demo", "build a tiny model in a temporary folder and run it end to end"),
+    "quantize": ("omni_edge.quantize.cli", "quantize a checkpoint's backbone to 4-bit and write an edge bundle"),
+    "info": ("omni_edge.info", "show what was built and what this machine offers"),
+}
+
+
+class CliError(Exception):
+    """An error to report as one line on stderr with exit code 2 (bad path, bad input, bad checkpoint)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omni-edge",
+        description="Run Baichuan-Omni-1.5 on the edge: one NVIDIA GPU, a Jetson Orin, or a plain CPU.",
+    )
+    from omni_edge import __version__
+
+    parser.add_argument("--version", action="version", version=f"omni-edge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            p.set_defaults(_unavailable=f"'{name}' is not available in this install: {e}")
+            continue
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if getattr(args, "_unavailable", None):
+        print(f"omni-edge: error: {args._unavailable}", file=sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except CliError as e:
+        print(f"omni-edge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
