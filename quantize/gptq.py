@@ -1,0 +1,314 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler, Alistarh, 2022) and round-to-nearest on one linear layer.
+
+A linear layer y = x @ W.T (W: (N, K), torch layout) is quantized against the Hessian of the layer-wise
+squared error, H = 2/n * sum over n calibration tokens of x x^T  (K, K). GPTQ quantizes the input columns
+one at a time and spreads each column's rounding error over the columns not yet quantized, using the upper
+Cholesky factor of H^-1 (the paper's Algorithm 1):
+
+  - dampening: H += damp * mean(diag H) * I (default 1 %),
+  - dead inputs (diag H == 0, an input that is always zero) get H[k, k] = 1 and W[:, k] = 0,
+  - lazy batch updates: columns are processed in blocks of `block_size`; inside a block the error is
+    propagated column by column, to the rest of the matrix once per block,
+  - optional act-order (desc_act): columns are processed in order of decreasing diag(H); with static groups
+    the group grid is fixed from the original weight first, so g_idx stays k // group_size,
+  - group grids: per `group_size` input rows (32/64/128/...), or per output channel (group_size -1).
+
+The grid is GPTQ's min/max grid (see `grid_params`): asymmetric scale = (max - min) / maxq with an integer
+zero point, symmetric scale = 2 * absmax / maxq with zero (maxq + 1) / 2; scales are rounded to fp16, as
+stored, before any code is chosen, so the stored tensors dequantize to exactly the weight GPTQ worked with.
+
+Results use the integer-code layout of `omni_edge.ops.q4` (q (K, N), zeros/scales (G, N), g_idx (K,)), which
+`omni_edge.ops.q4.pack_gptq` turns into the standard checkpoint tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["QuantSpec", "QuantResult", "HessianAccumulator", "grid_params", "gptq_quantize", "rtn_quantize",
+           "quantize_layer", "output_error"]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one linear layer is quantized. `static_groups=None` means: static groups exactly when act_order."""
+
+    bits: int = 4
+    group_size: int = 128  # input rows per group; -1 = one group per output channel (per-channel)
+    sym: bool = True
+    act_order: bool = False
+    static_groups: Optional[bool] = None
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    block_size: int = 128  # columns per lazy-update block
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits: expected one of 2, 3, 4, 8, got {self.bits}")
+        if not (self.group_size == -1 or self.group_size > 0):
+            raise ValueError(f"group_size: expected -1 (per-channel) or a positive size, got {self.group_size}")
+        if not (0.0 <= self.damp < 1.0):
+            raise ValueError(f"damp: expected a fraction in [0, 1), got {self.damp}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size: expected a positive size, got {self.block_size}")
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def uses_static_groups(self) -> bool:
+        return self.act_order if self.static_groups is None else bool(self.static_groups)
+
+    def groups_for(self, k: int) -> int:
+        gs = self.effective_group_size(k)
+        return k // gs
+
+    def effective_group_size(self, k: int) -> int:
+        gs = k if self.group_size == -1 else self.group_size
+        if k % gs:
+            raise ValueError(f"group_size: the layer's input size K={k} is not a multiple of group_size={gs}")
+        return gs
+
+
+@dataclass
+class QuantResult:
+    """One quantized linear layer in the integer-code layout of omni_edge.ops.q4."""
+
+    q: torch.Tensor  # (K, N) uint8 codes 0..maxq
+    zeros: torch.Tensor  # (G, N) uint8 true zero points
+    scales: torch.Tensor  # (G, N) fp16
+    g_idx: torch.Tensor  # (K,) int32 group of each input row
+    weight: torch.Tensor  # (N, K) fp32 dequantized weight (what the codes decode to), torch layout
+    damp_used: float = 0.0  # the dampening that made H positive definite (>= spec.damp)
+
+
+# ------------------------------------------------------------------------------------------------
+# The grid
+# ------------------------------------------------------------------------------------------------
+
+_FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal); a scale that rounds to 0 in fp16 is lifted here
+
+
+def grid_params(wmin: torch.Tensor, wmax: torch.Tensor, *, bits: int = 4, sym: bool):
+    """Scale and zero point of the `bits`-bit grid for per-group minima/maxima (GPTQ's convention).
+
+    The range always contains 0. sym: scale = 2 * max(|min|, |max|) / maxq, zero = (maxq + 1) / 2.
+    asym: scale = (max - min) / maxq, zero = round(-min / scale). An all-zero group gets scale 1.
+    Scales are rounded to fp16 first, as stored. For bits=4 this equals omni_edge.ops.q4.grid_params."""
+    maxq = (1 << bits) - 1
+    wmin = torch.minimum(wmin.float(), torch.zeros_like(wmin, dtype=torch.float32))
+    wmax = torch.maximum(wmax.float(), torch.zeros_like(wmax, dtype=torch.float32))
+    if sym:
+        amax = torch.maximum(wmin.abs(), wmax)
+        scale = amax * 2 / maxq
+    else:
+        scale = (wmax - wmin) / maxq
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale).half().float()
+    scale = torch.where(scale == 0, torch.full_like(scale, _FP16_TINY), scale)
+    if sym:
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        zero = torch.clamp(torch.round(-wmin / scale), 0, maxq)
+    return scale, zero
+
+
+def _quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
+    """Codes and dequantized values of w on the grid (scale, zero); all three broadcast together."""
+    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    return q, scale * (q - zero)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hessian
+# ------------------------------------------------------------------------------------------------
+
+class HessianAccumulator:
+    """H = 2/n * sum_t x_t x_t^T over all calibration tokens fed to one linear layer (or a group of linears
+    that read the same input, e.g. q/k/v or gate/up)."""
+
+    def __init__(self, in_features: int, device="cpu"):
+        self.in_features = in_features
+        self._sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # (K, K)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """x: (..., K) activations, any float dtype; accumulated in fp32."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last dim {self.in_features}, got shape {tuple(x.shape)}")
+        x2 = x.reshape(-1, self.in_features).to(device=self._sum.device, dtype=torch.float32)
+        self._sum.addmm_(x2.t(), x2)
+        self.tokens += x2.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise ValueError("HessianAccumulator: no calibration tokens were added")
+        return self._sum * (2.0 / self.tokens)
+
+
+# ------------------------------------------------------------------------------------------------
+# Round to nearest
+# ------------------------------------------------------------------------------------------------
+
+def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantResult:
+    """Round-to-nearest on the same grid and grouping GPTQ uses (act_order is ignored: RTN has no order)."""
+    w = weight.detach().float()
+    n, k = w.shape
+    gs = spec.effective_group_size(k)
+    groups = k // gs
+    wg = w.reshape(n, groups, gs)
+    scale, zero = grid_params(wg.amin(dim=2), wg.amax(dim=2), bits=spec.bits, sym=spec.sym)  # (N, G)
+    q, dq = _quantize(wg, scale.unsqueeze(2), zero.unsqueeze(2), spec.maxq)
+    g_idx = torch.arange(k, dtype=torch.int32, device=w.device) // gs
+    return QuantResult(q=q.reshape(n, k).t().to(torch.uint8).contiguous(),
+                       zeros=zero.t().to(torch.uint8).contiguous(),
+                       scales=scale.t().to(torch.float16).contiguous(),
+                       g_idx=g_idx, weight=dq.reshape(n, k))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPTQ
+# ------------------------------------------------------------------------------------------------
+
+def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float):
+    """Upper Cholesky factor U of (H + lambda I)^-1 with lambda = damp * mean(diag H). If H + lambda I is not
+    numerically positive definite, lambda grows (damp + 0.01, + 0.02, ...) until it is; returns (U, damp)."""
+    k = h.shape[0]
+    mean_diag = torch.mean(torch.diag(h)).item()
+    idx = torch.arange(k, device=h.device)
+    tried = []
+    d = damp
+    for _ in range(50):
+        hd = h.clone()
+        hd[idx, idx] += d * mean_diag
+        lower, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(upper).all():
+                return upper, d
+        tried.append(round(d, 4))
+        d += 0.01
+    raise ValueError(f"hessian: not positive definite even with dampening fractions {tried}; "
+                     "the calibration activations may contain inf/nan")
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> QuantResult:
+    """Quantize one (or several stacked) linear weight(s) W (N, K) against the Hessian H (K, K) of its input.
+
+    Rows are independent given H, so linears that read the same input (q/k/v, gate/up) may be stacked along
+    N and quantized in one call with the same result as separately. Runs on the device of `hessian`."""
+    device = hessian.device
+    w = weight.detach().to(device=device, dtype=torch.float32).clone()  # (N, K), updated in place
+    h = hessian.detach().to(dtype=torch.float32).clone()
+    n, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"hessian: expected shape ({k}, {k}) for weight {tuple(weight.shape)}, got {tuple(h.shape)}")
+    gs = spec.effective_group_size(k)
+    groups = k // gs
+    maxq = spec.maxq
+
+    # Dead inputs: never nonzero in calibration, so their weights cannot matter there; quantize them to 0.
+    dead = torch.diag(h) == 0
+    didx = torch.nonzero(dead).flatten()
+    h[didx, didx] = 1.0
+    w[:, dead] = 0.0
+
+    static = spec.uses_static_groups
+    if static:
+        # Grids fixed from the (dead-zeroed) original weight, one per group of original input rows.
+        wg = w.reshape(n, groups, gs)
+        st_scale, st_zero = grid_params(wg.amin(dim=2), wg.amax(dim=2), bits=spec.bits, sym=spec.sym)  # (N, G)
+        scales, zeros = st_scale.t().contiguous(), st_zero.t().contiguous()  # (G, N)
+    else:
+        scales = torch.empty(groups, n, dtype=torch.float32, device=device)
+        zeros = torch.empty(groups, n, dtype=torch.float32, device=device)
+
+    if spec.act_order:
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    else:
+        perm = torch.arange(k, device=device)
+
+    hinv, damp_used = _upper_cholesky_of_inverse(h, spec.damp)  # (K, K) upper triangular
+    del h
+
+    codes = torch.empty(n, k, dtype=torch.float32, device=device)  # in processing order
+    deq = torch.empty(n, k, dtype=torch.float32, device=device)
+    g_idx = torch.empty(k, dtype=torch.int32, device=device)
+    perm_list = perm.tolist()
+    scale = zero = None
+    bs = spec.block_size
+    for i1 in range(0, k, bs):
+        i2 = min(i1 + bs, k)
+        count = i2 - i1
+        w1 = w[:, i1:i2].clone()  # this block, updated column by column
+        err1 = torch.zeros(n, count, dtype=torch.float32, device=device)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(count):
+            col = i1 + i  # position in processing order
+            if static:
+                g = perm_list[col] // gs
+                scale, zero = scales[g], zeros[g]
+            elif col % gs == 0:
+                # A new group starts here (groups follow the processing order). Its grid comes from the
+                # current values of its columns: those inside this block are up to date in w1; those past
+                # the block still miss this block's pending update, which is applied here for the grid.
+                g = col // gs
+                end = col + gs
+                cur = w1[:, i:min(count, i + gs)]
+                if end > i2:
+                    rest = w[:, i2:end]
+                    if i > 0:
+                        rest = rest - err1[:, :i] @ hinv[i1:col, i2:end]
+                    cur = torch.cat([cur, rest], dim=1)
+                scale, zero = grid_params(cur.amin(dim=1), cur.amax(dim=1), bits=spec.bits, sym=spec.sym)
+                scales[g], zeros[g] = scale, zero
+            if not static:
+                g_idx[perm_list[col]] = col // gs
+            col_w = w1[:, i]
+            q, dq = _quantize(col_w, scale, zero, maxq)
+            codes[:, col] = q
+            deq[:, col] = dq
+            e = (col_w - dq) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    if static:
+        g_idx = torch.arange(k, dtype=torch.int32, device=device) // gs
+    if spec.act_order:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        deq = deq[:, inv]
+    return QuantResult(q=codes.t().to(torch.uint8).contiguous(), zeros=zeros.to(torch.uint8).contiguous(),
+                       scales=scales.to(torch.float16).contiguous(), g_idx=g_idx.contiguous(),
+                       weight=deq, damp_used=damp_used)
+
+
+def quantize_layer(weight: torch.Tensor, hessian: Optional[torch.Tensor], spec: QuantSpec,
+                   method: str = "gptq") -> QuantResult:
+    """One entry point for both methods: 'gptq' needs the Hessian, 'rtn' ignores it."""
+    if method == "gptq":
+        if hessian is None:
+            raise ValueError("hessian: GPTQ needs the Hessian of the layer's calibration inputs")
+        return gptq_quantize(weight, hessian, spec)
+    if method == "rtn":
+        return rtn_quantize(weight, spec)
+    raise ValueError(f"method: expected 'gptq' or 'rtn', got {method!r}")
+
+
+def output_error(weight: torch.Tensor, weight_q: torch.Tensor, hessian: torch.Tensor, max_rows: int = 256) -> float:
+    """Relative squared output error  sum_t ||(W - Wq) x_t||^2 / sum_t ||W x_t||^2  over the calibration tokens
+    that built H, from H alone (tr(D H D^T) / tr(W H W^T)). For speed it uses at most `max_rows` evenly
+    spaced output rows (all rows when N <= max_rows)."""
+    n = weight.shape[0]
+    rows = torch.arange(0, n, max(1, -(-n // max_rows)), device=hessian.device)
+    w = weight.detach().to(hessian.device, torch.float32)[rows]
+    d = w - weight_q.detach().to(hessian.device, torch.float32)[rows]
+    num = ((d @ hessian) * d).sum()
+    den = ((w @ hessian) * w).sum()
+    return float(num / den) if float(den) > 0 else 0.0
