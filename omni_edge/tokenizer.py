@@ -1,0 +1,345 @@
+"""Text tokenizer, prompt formats and a streaming detokenizer, all read from the checkpoint's own files.
+
+- `Tokenizer.from_dir(path)`: HF `tokenizers` over the checkpoint's `tokenizer.json`. Special-token ids are looked up by their strings in the
+  checkpoint's vocabulary; no id is a constant here.
+- Prompt formats turn a list of messages `{"role": "system"|"user"|"assistant", "content": str}` into token
+  ids, ready for prefill:
+    * `BaichuanPrompt` (Baichuan-Omni, MODEL.md §2.2): `<B_SYS>{system}<C_Q>{user}<C_A>{assistant}<C_Q>...<C_A>`
+      with no end-of-turn tokens.
+    * `TemplatePrompt` (plain HF checkpoints): the checkpoint's own jinja chat template.
+- `StreamDecoder`: token ids in, text out as soon as it is complete UTF-8 (a byte-level BPE can split one
+  character over several tokens; nothing is emitted until the character is whole).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+class TokenizerError(ValueError):
+    """The checkpoint's tokenizer files are missing, unreadable, or lack a token the model needs."""
+
+
+def _token_str(value) -> Optional[str]:
+    """tokenizer_config.json writes special tokens as a string or as {"content": str, ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise TokenizerError(f"cannot read {path.name} in {path.parent}: {e}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path.name} in {path.parent}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+# GPT-2's byte <-> printable-character table used by every byte-level BPE (Qwen2, SmolLM2, Llama-3 ...):
+# bytes that print as themselves keep their character, the other 68 are shifted to U+0100 and up.
+def _byte_level_table() -> Dict[str, int]:
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table = {chr(b): b for b in keep}
+    shifted = 0
+    for b in range(256):
+        if b not in keep:
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return table
+
+
+_BYTE_OF_CHAR = _byte_level_table()
+
+
+class Tokenizer:
+    """A checkpoint's text tokenizer."""
+
+    def __init__(self, hf: _HFTokenizer, *, source: str, config: Optional[dict] = None,
+                 chat_template: Optional[str] = None):
+        self.hf = hf
+        self.source = source  # the folder the files came from, for error messages
+        self.config = config or {}  # tokenizer_config.json (may be empty)
+        self.chat_template = chat_template
+        added = hf.get_added_tokens_decoder()  # id -> AddedToken
+        self.special_ids = frozenset(i for i, t in added.items() if t.special)
+        self.added_ids = frozenset(added)
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        self.byte_level = type(hf.decoder).__name__ == "ByteLevel"
+        self._bytes_cache: Dict[int, bytes] = {}
+
+    # ---- loading ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, path) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_dir():
+            raise TokenizerError(f"tokenizer folder {path} does not exist or is not a folder")
+        config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+        tj = path / "tokenizer.json"
+        if tj.is_file():
+            try:
+                hf = _HFTokenizer.from_file(str(tj))
+            except Exception as e:  # tokenizers raises a bare Exception on malformed files
+                raise TokenizerError(f"cannot read tokenizer.json in {path}: {str(e).splitlines()[0]}") from None
+        else:
+            # vocab.json + merges.txt alone do not say how text is pre-split (Qwen2 and GPT-2 use different
+            # regexes), so rebuilding a tokenizer from them could silently tokenize differently: refuse.
+            raise TokenizerError(f"no tokenizer.json in {path} (the runtime reads the fast-tokenizer file that "
+                                 f"HF checkpoints ship; save one with transformers' save_pretrained)")
+        template = None
+        if (path / "chat_template.jinja").is_file():
+            try:
+                template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"cannot read chat_template.jinja in {path}: {e}") from None
+        else:
+            template = config.get("chat_template")
+            if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+                named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+                template = named.get("default")
+            if not isinstance(template, str):
+                template = None
+        return cls(hf, source=str(path), config=config, chat_template=template)
+
+    # ---- ids ----------------------------------------------------------------------------------------
+
+    def token_id(self, token: str) -> int:
+        """Id of a (special) token, looked up by its string. Raises TokenizerError if the vocabulary lacks it."""
+        i = self.hf.token_to_id(token)
+        if i is None:
+            raise TokenizerError(f"the tokenizer in {self.source} has no token {token!r}")
+        return i
+
+    def find_id(self, token: Optional[str]) -> Optional[int]:
+        return None if token is None else self.hf.token_to_id(token)
+
+    def _config_token(self, key: str) -> Optional[str]:
+        return _token_str(self.config.get(key))
+
+    @property
+    def eos_token(self) -> Optional[str]:
+        return self._config_token("eos_token")
+
+    @property
+    def bos_token(self) -> Optional[str]:
+        return self._config_token("bos_token")
+
+    # ---- text ---------------------------------------------------------------------------------------
+
+    def encode(self, text: str, *, special: bool = False) -> List[int]:
+        """Token ids of `text`, with no BOS/EOS added. With special=False, special-token strings inside the
+        text (e.g. a user typing "<C_Q>") are encoded as ordinary text; with special=True they become their
+        special ids (used for rendered chat templates, which spell roles as special-token strings)."""
+        self.hf.encode_special_tokens = not special
+        try:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        finally:
+            self.hf.encode_special_tokens = False
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The raw bytes token i stands for (byte-level BPE only). Added tokens give their UTF-8 content."""
+        b = self._bytes_cache.get(i)
+        if b is None:
+            s = self.hf.id_to_token(i)
+            if s is None:
+                raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+            if i in self.added_ids:
+                b = s.encode("utf-8")
+            else:
+                try:
+                    b = bytes(_BYTE_OF_CHAR[c] for c in s)
+                except KeyError:  # not a byte-level symbol: fall back to the tokenizer's own decoding
+                    b = self.hf.decode([i], skip_special_tokens=False).encode("utf-8")
+            self._bytes_cache[i] = b
+        return b
+
+    def stream(self, *, skip_special: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special=skip_special)
+
+
+class StreamDecoder:
+    """Incremental detokenizer: `push(id)` returns the text completed by that token ("" while a multi-byte
+    character is still incomplete), `flush()` returns what is left at the end.
+
+    Byte-level BPE: each token's raw bytes go through an incremental UTF-8 decoder, so text comes out exactly
+    when its bytes are whole. Other tokenizers (SentencePiece-style, whose decoders strip or merge spaces
+    across tokens): decode a short window of recent tokens and emit the growth of the text, holding back while
+    it ends in U+FFFD (an incomplete byte-fallback sequence)."""
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = True, byte_level: Optional[bool] = None):
+        self.tok = tokenizer
+        self.skip_special = skip_special
+        self.byte_level = tokenizer.byte_level if byte_level is None else byte_level
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._ids: List[int] = []  # window for the generic path
+        self._prefix = 0  # window start: text of ids[_prefix:_read] was already emitted
+        self._read = 0
+
+    def push(self, token_id: int) -> str:
+        if self.skip_special and token_id in self.tok.special_ids:
+            return ""
+        if self.byte_level:
+            return self._utf8.decode(self.tok.token_bytes(token_id))
+        self._ids.append(token_id)
+        skip = self.skip_special
+        prev = self.tok.hf.decode(self._ids[self._prefix:self._read], skip_special_tokens=skip)
+        text = self.tok.hf.decode(self._ids[self._prefix:], skip_special_tokens=skip)
+        if len(text) > len(prev) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return text[len(prev):]
+        return ""
+
+    def flush(self) -> str:
+        if self.byte_level:
+            return self._utf8.decode(b"", final=True)
+        skip = self.skip_special
+        prev = self.tok.hf.decode(self._ids[self._prefix:self._read], skip_special_tokens=skip)
+        text = self.tok.hf.decode(self._ids[self._prefix:], skip_special_tokens=skip)
+        self._prefix = self._read = len(self._ids)
+        return text[len(prev):]
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt formats
+# ------------------------------------------------------------------------------------------------
+
+Message = Dict[str, object]  # {"role": str, "content": str, optional "ids": list[int] for assistant turns}
+
+_ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(messages: Sequence[Message]) -> None:
+    for n, m in enumerate(messages):
+        role = m.get("role")
+        if role not in _ROLES:
+            raise ValueError(f"messages[{n}]: role must be one of {_ROLES}, got {role!r}")
+        if not isinstance(m.get("content", ""), str):
+            raise ValueError(f"messages[{n}]: content must be a string, got {type(m.get('content')).__name__}")
+        if role == "system" and n != 0:
+            raise ValueError(f"messages[{n}]: a system message may only come first")
+
+
+class BaichuanPrompt:
+    """Baichuan-Omni's demo format (MODEL.md §2.2):
+
+        <B_SYS>{system}<C_Q>{user}<C_A>{assistant}<C_Q>{user}<C_A>
+
+    There are no end-of-turn tokens: the next role prefix starts the next turn, and the reply ends with
+    `<|endoftext|>`, which is not part of the history. The reference demos always open with a system entry,
+    so `<B_SYS>` is written even when the system text is empty. Role prefixes are emitted as their ids and
+    message text is encoded as plain text, so text that happens to spell a special token cannot forge a turn.
+    An assistant message may carry "ids" (the tokens actually generated): they are used as they are, so a
+    conversation's ids stay identical to what the KV cache holds."""
+
+    name = "baichuan"
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.sys_id = tokenizer.token_id("<B_SYS>")
+        self.user_id = tokenizer.token_id("<C_Q>")
+        self.assistant_id = tokenizer.token_id("<C_A>")
+        self.eos_id = tokenizer.token_id("<|endoftext|>")
+        # A reply is over at eos; a new role prefix would also start a turn that is not the assistant's, and
+        # <audiogen_start_baichuan> starts speech, which text chat does not produce (MODEL.md §2.3 stops there).
+        stops = [self.eos_id, self.sys_id, self.user_id, self.assistant_id]
+        audiogen = tokenizer.find_id("<audiogen_start_baichuan>")
+        if audiogen is not None:
+            stops.append(audiogen)
+        self.stop_ids = tuple(stops)
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> List[int]:
+        _check_messages(messages)
+        ids: List[int] = [self.sys_id]
+        body = messages
+        if messages and messages[0]["role"] == "system":
+            ids += self.tok.encode(str(messages[0].get("content", "")))
+            body = messages[1:]
+        for m in body:
+            if m["role"] == "user":
+                ids.append(self.user_id)
+                ids += self.tok.encode(str(m.get("content", "")))
+            else:
+                ids.append(self.assistant_id)
+                given = m.get("ids")
+                ids += list(given) if given is not None else self.tok.encode(str(m.get("content", "")))
+        if add_generation_prompt:
+            ids.append(self.assistant_id)
+        return ids
+
+
+class TemplatePrompt:
+    """A plain HF checkpoint's own chat template (jinja2), rendered the way HF renders it: sandboxed, with
+    trim_blocks / lstrip_blocks, the loop-control extension, `raise_exception`, `strftime_now` and the
+    tokenizer's special-token strings as variables; the text is then encoded with special tokens parsed and
+    nothing added around it."""
+
+    name = "chat_template"
+
+    def __init__(self, tokenizer: Tokenizer, template: str, *, eos_ids: Sequence[int] = ()):
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        def strftime_now(fmt):
+            import datetime
+
+            return datetime.datetime.now().strftime(fmt)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
+        try:
+            self.template = env.from_string(template)
+        except TemplateError as e:
+            raise TokenizerError(f"the chat template in {tokenizer.source} does not parse: {e}") from None
+        self.tok = tokenizer
+        self.variables = {k: _token_str(tokenizer.config.get(k)) for k in
+                          ("bos_token", "eos_token", "pad_token", "unk_token")}
+        stops = list(eos_ids)
+        eos = tokenizer.find_id(tokenizer.eos_token)
+        if eos is not None and eos not in stops:
+            stops.append(eos)
+        self.stop_ids = tuple(stops)
+
+    def render_text(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+        from jinja2 import TemplateError
+
+        _check_messages(messages)
+        plain = [{"role": m["role"], "content": m.get("content", "")} for m in messages]
+        try:
+            return self.template.render(messages=plain, add_generation_prompt=add_generation_prompt,
+                                        tools=None, documents=None, **self.variables)
+        except TemplateError as e:
+            raise ValueError(f"the chat template of {self.tok.source} rejected the conversation: {e}") from None
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> List[int]:
+        return self.tok.encode(self.render_text(messages, add_generation_prompt=add_generation_prompt),
+                               special=True)
+
+
+def prompt_format(tokenizer: Tokenizer, kind: str, *, eos_ids: Sequence[int] = ()):
+    """The prompt format for a checkpoint of `kind` ("omni" = Baichuan-Omni, "hf" = plain HF model)."""
+    if kind == "omni":
+        return BaichuanPrompt(tokenizer)
+    if tokenizer.chat_template is None:
+        raise TokenizerError(f"{tokenizer.source} has no chat template (chat_template.jinja, or chat_template "
+                             f"in tokenizer_config.json), so there is no way to build a chat prompt for it")
+    return TemplatePrompt(tokenizer, tokenizer.chat_template, eos_ids=eos_ids)
