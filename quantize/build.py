@@ -1,0 +1,338 @@
+"""`quantize_checkpoint(src, out, options)`: source checkpoint -> edge bundle.
+
+What the bundle holds (ARCHITECTURE.md, "The edge bundle"):
+
+- the decoder's linears in the standard GPTQ layout (qweight, qzeros, scales, g_idx, bias; checkpoint_format
+  "gptq", i.e. v1 zero points), under the source's own tensor names;
+- the backbone's other tensors (embed_tokens, norms, lm_head, audio_embed_layers) as fp16;
+- every other stage's tensors unchanged (audio head, vision, audio tokenizer/decoder/flow matching);
+- config.json (the source's, plus `quantization_config`), the tokenizer and other side files, copied;
+- `omni_edge.json`, the manifest (see omni_edge/bundle.py), written last.
+
+Files: a plain HF source (Llama / Qwen2) gives one `model.safetensors`, so the bundle is at the same time a
+GPTQ checkpoint that transformers + GPTQModel read. A Baichuan-Omni source gives `backbone.safetensors`
+(backbone, lm_head, audio_embed_layers), `audio_head.safetensors`, `visual.safetensors` and
+`audio_tokenizer.safetensors`, listed in `model.safetensors.index.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from omni_edge import __version__
+from omni_edge import bundle as bundle_mod
+from omni_edge.checkpoint import INDEX_FILE, Checkpoint, Linear as LinearSpec, stage_specs, stages_of
+
+from .bundle_writer import (AtomicDir, SafetensorsWriter, copy_side_files, file_entry, source_fingerprint,
+                            write_json)
+from .calibration import build_calibration, heldout_samples
+from .gptq import QuantSpec
+from .sequential import STORE_DTYPE, run_sequential
+
+# stage -> bundle file, for Baichuan-Omni sources (plain HF sources put everything in model.safetensors)
+OMNI_FILES = {
+    "backbone": "backbone.safetensors", "lm_head": "backbone.safetensors", "audio_embed": "backbone.safetensors",
+    "audio_head": "audio_head.safetensors",
+    "visual": "visual.safetensors", "visual_bridge": "visual.safetensors",
+    "audio_encoder": "audio_tokenizer.safetensors", "audio_bridge": "audio_tokenizer.safetensors",
+    "rvq": "audio_tokenizer.safetensors", "audio_decoder": "audio_tokenizer.safetensors",
+    "flow_prenet": "audio_tokenizer.safetensors", "flow_estimator": "audio_tokenizer.safetensors",
+}
+HF_FILE = "model.safetensors"
+EXTRA_FILE = "extra.safetensors"  # tensors of an omni source that no stage table names, carried unchanged
+FP16_STAGES = ("backbone", "lm_head", "audio_embed")  # unquantized tensors of these stages are stored as fp16
+TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
+               "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+
+
+@dataclass
+class QuantizeOptions:
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = False
+    static_groups: Optional[bool] = None  # default: True with act_order
+    damp: float = 0.01
+    method: str = "gptq"  # "gptq" | "rtn"
+    calib: Optional[str] = None  # JSON-lines file; None = the built-in set
+    nsamples: int = 128
+    seqlen: int = 512
+    device: str = "cpu"
+    seed: int = 0
+    force: bool = False
+    heldout: bool = True  # measure perplexity on the built-in held-out text
+    heldout_max_tokens: int = 512  # per held-out text
+    progress: bool = True
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,
+                         static_groups=self.static_groups, damp=self.damp)
+
+
+def _check_paths(src: Path, out: Path) -> None:
+    if not src.is_dir():
+        raise ValueError(f"SRC {src} is not a folder (expected a checkpoint with config.json and *.safetensors)")
+    s, o = src.resolve(), out.absolute().resolve() if out.exists() else out.absolute()
+    if s == o or s in o.parents or o in s.parents:
+        raise ValueError(f"OUT {out} must lie outside SRC {src} (and not contain it)")
+
+
+def _check_shapes(ckpt: Checkpoint, spec: QuantSpec) -> None:
+    """Every decoder linear must fit the GPTQ layout and the group size, checked before any work."""
+    cfg = ckpt.config.backbone
+    seen = set()
+    for s in stage_specs(ckpt.config, "backbone"):
+        if not isinstance(s, LinearSpec):
+            continue
+        short = s.prefix.split(".", 3)[-1]
+        key = (short, s.out_features, s.in_features)
+        if key in seen:
+            continue
+        seen.add(key)
+        n, k = s.out_features, s.in_features
+        if k % 8 or n % 8:
+            raise ValueError(f"{s.prefix}: the GPTQ layout needs in/out features that are multiples of 8, "
+                             f"got out={n}, in={k}")
+        if spec.group_size != -1 and k % spec.group_size:
+            fits = [g for g in (128, 64, 32) if k % g == 0]
+            raise ValueError(f"--group-size {spec.group_size} does not divide the input size K={k} of {s.prefix}"
+                             f"; use {' or '.join(map(str, fits)) if fits else '-1 (per-channel)'}")
+    if cfg.num_hidden_layers < 1:
+        raise ValueError("the checkpoint has no decoder layers")
+
+
+def _gptq_parts(prefix: str, n: int, k: int, groups: int, bias: bool) -> Dict[str, Tuple[torch.dtype, Tuple]]:
+    d = {prefix + ".qweight": (torch.int32, (k // 8, n)), prefix + ".qzeros": (torch.int32, (groups, n // 8)),
+         prefix + ".scales": (torch.float16, (groups, n)), prefix + ".g_idx": (torch.int32, (k,))}
+    if bias:
+        d[prefix + ".bias"] = (STORE_DTYPE, (n,))
+    return d
+
+
+def _plan(ckpt: Checkpoint, spec: QuantSpec):
+    """Which tensor goes to which file, with which dtype and shape; and which are converted.
+
+    Returns files {file: {name: (dtype, shape)}}, copy {name: stored dtype} (tensors copied from the source,
+    converted where needed; the rest come from the layer pass), modules {stage: set of files} and
+    stage_names {stage: source tensor names}."""
+    cfg = ckpt.config
+    files: Dict[str, Dict[str, Tuple[torch.dtype, Tuple]]] = {}
+    copy: Dict[str, torch.dtype] = {}  # name -> dtype to store (read from the source as is)
+    modules: Dict[str, set] = {}
+    stage_names: Dict[str, List[str]] = {}
+    placed = set()
+
+    def file_of(stage: str) -> str:
+        return HF_FILE if cfg.kind == "hf" else OMNI_FILES[stage]
+
+    for stage in stages_of(cfg):
+        fname = file_of(stage)
+        table = files.setdefault(fname, {})
+        for s in stage_specs(cfg, stage):
+            names = [n for n in ckpt.spec_names(s) if ckpt.has(n)]
+            placed.update(names)
+            stage_names.setdefault(stage, []).extend(names)
+            is_layer = stage == "backbone" and s_name(s).startswith("model.layers.")
+            if isinstance(s, LinearSpec) and is_layer:
+                groups = spec.groups_for(s.in_features)
+                parts = _gptq_parts(s.prefix, s.out_features, s.in_features, groups, s.bias)
+                table.update(parts)
+                continue
+            for name in names:
+                dtype = STORE_DTYPE if stage in FP16_STAGES else TORCH_DTYPE[ckpt.dtype(name)]
+                table[name] = (dtype, ckpt.shape(name))
+                if not is_layer:
+                    copy[name] = dtype
+        if stage_names.get(stage):
+            modules.setdefault(stage, set()).add(fname)
+    extra = [n for n in ckpt.names() if n not in placed]
+    if extra:
+        fname = HF_FILE if cfg.kind == "hf" else EXTRA_FILE
+        table = files.setdefault(fname, {})
+        for name in extra:
+            dtype = TORCH_DTYPE[ckpt.dtype(name)]
+            table[name] = (dtype, ckpt.shape(name))
+            copy[name] = dtype
+        modules.setdefault("extra", set()).add(fname)
+        stage_names["extra"] = extra
+    files = {f: t for f, t in files.items() if t}
+    return files, copy, modules, stage_names
+
+
+def s_name(s) -> str:
+    return s.prefix if isinstance(s, LinearSpec) else s.name
+
+
+def _to_store(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if t.dtype == dtype:
+        return t
+    out = t.to(dtype)
+    if dtype == torch.float16 and t.is_floating_point() and torch.isfinite(t).all() and not torch.isfinite(out).all():
+        raise ValueError(f"{name}: values beyond the fp16 range (max |x| = {float(t.abs().max()):.4g}); "
+                         "this tensor cannot be stored as fp16")
+    return out
+
+
+def _token_ids(src: Path) -> dict:
+    """Special / added token ids from the source's own files (never constants)."""
+    out: dict = {}
+    tj = src / "tokenizer.json"
+    if tj.is_file():
+        data = json.loads(tj.read_text(encoding="utf-8"))
+        out["added_tokens"] = {t["content"]: t["id"] for t in data.get("added_tokens", [])
+                               if isinstance(t, dict) and "content" in t and "id" in t}
+    for fname in ("generation_config.json",):
+        p = src / fname
+        if p.is_file():
+            g = json.loads(p.read_text(encoding="utf-8"))
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if key in g:
+                    out[key] = g[key]
+    return out
+
+
+def _quantization_config(opts: QuantizeOptions, spec: QuantSpec) -> dict:
+    return {
+        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": spec.bits, "group_size": spec.group_size,
+        "desc_act": spec.act_order, "sym": spec.sym, "static_groups": spec.uses_static_groups,
+        "true_sequential": True, "damp_percent": spec.damp, "lm_head": False, "pack_dtype": "int32",
+        "meta": {"quantizer": [f"omni-edge:{__version__}"], "method": opts.method},
+    }
+
+
+def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str], None] = print) -> dict:
+    """Quantize checkpoint folder `src` into bundle folder `out`; returns the manifest."""
+    from omni_edge.tokenizer import Tokenizer, prompt_format
+
+    src, out = Path(src), Path(out)
+    t_start = time.time()
+    if opts.bits != 4:
+        raise ValueError(f"--bits {opts.bits}: bundles hold 4-bit weights (the runtime's q4 kernels); "
+                         "the GPTQ code itself also does 2/3/8 bits")
+    if opts.method not in ("gptq", "rtn"):
+        raise ValueError(f"--method must be gptq or rtn, got {opts.method!r}")
+    spec = opts.spec()
+    _check_paths(src, out)
+    target = AtomicDir(out, force=opts.force)
+    target.check_target()
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA GPU on this machine")
+    torch.manual_seed(opts.seed)
+
+    ckpt = Checkpoint.open(src)
+    cfg = ckpt.config
+    if ckpt.gptq is not None or any(n.endswith(".qweight") for n in ckpt.names()):
+        raise ValueError(f"{src} is already quantized (it has GPTQ tensors / a quantization_config)")
+    for stage in ("backbone", "lm_head"):
+        ckpt.require(stage)
+    _check_shapes(ckpt, spec)
+
+    tok = Tokenizer.from_dir(src)
+    prompt = prompt_format(tok, cfg.kind)
+    calib = build_calibration(lambda text: prompt.render([{"role": "user", "content": text}]),
+                              calib_file=opts.calib, nsamples=opts.nsamples, seqlen=opts.seqlen, seed=opts.seed,
+                              prompt_format=prompt.name)
+    for note in calib.notes:
+        log(f"note: {note}")
+    heldout = heldout_samples(tok.encode, max_tokens=opts.heldout_max_tokens) if opts.heldout else []
+    log(f"quantizing {src} ({cfg.kind}, {cfg.backbone.num_hidden_layers} layers) with {opts.method.upper()} "
+        f"{spec.bits}-bit, group {spec.group_size}, {'sym' if spec.sym else 'asym'}, act-order "
+        f"{'on' if spec.act_order else 'off'}; calibration: {len(calib.samples)} samples, {calib.tokens} tokens "
+        f"({calib.source}); device {opts.device}")
+
+    files, copy, modules, stage_names = _plan(ckpt, spec)
+    fingerprint = source_fingerprint(src / "config.json", ((n, ckpt.dtype(n), ckpt.shape(n)) for n in ckpt.names()))
+
+    with target as tmp:
+        writers = {f: SafetensorsWriter(tmp / f, t, metadata={"format": "pt"}) for f, t in files.items()}
+        where = {name: w for w in writers.values() for name in w.specs}
+        try:
+            for name, dtype in copy.items():  # everything outside the decoder layers, one tensor at a time
+                where[name].write(name, _to_store(name, ckpt.get(name), dtype))
+
+            def on_layer(i: int, tensors: Dict[str, torch.Tensor]) -> None:
+                for name, t in tensors.items():
+                    where[name].write(name, t)
+
+            result = run_sequential(ckpt, spec, method=opts.method, calibration=calib.samples, heldout=heldout,
+                                    device=opts.device, on_layer=on_layer, progress=opts.progress, log=log)
+            for w in writers.values():
+                w.close()
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        ckpt.close()
+
+        side = copy_side_files(src, tmp)
+        config = dict(cfg.raw)
+        config["quantization_config"] = _quantization_config(opts, spec)
+        if cfg.kind == "hf":  # every float tensor of the bundle is fp16
+            for key in ("torch_dtype", "dtype"):
+                if key in config or key == "torch_dtype":
+                    config[key] = "float16"
+        write_json(tmp / "config.json", config)
+        if len(writers) > 1:
+            weight_map = {name: f for f, t in files.items() for name in sorted(t)}
+            total = sum(w.total - w.data_start for w in writers.values())
+            write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+
+        report = {
+            "layers": [r.as_dict() for r in result.layers],
+            "mean_output_error": sum(r.output_error for r in result.layers) / len(result.layers),
+            "perplexity": None if result.ppl_source is None else {
+                "heldout": "built-in held-out text (never used for calibration), plain text, no template",
+                "tokens": result.heldout_tokens, "source": result.ppl_source, "quantized": result.ppl_quantized,
+                "computed_with": "fp32 layer-by-layer pass; quantized weights dequantized exactly"},
+            "seconds": round(time.time() - t_start, 1),
+        }
+        file_table = {}
+        for p in sorted(tmp.iterdir()):
+            if p.name != bundle_mod.MANIFEST:
+                file_table[p.name] = file_entry(p, tensors=p.suffix == ".safetensors")
+        precision = {}
+        for stage, names in stage_names.items():
+            if stage == "backbone":
+                precision[stage] = (f"decoder linears: int{spec.bits} GPTQ ({opts.method}), group {spec.group_size}, "
+                                    f"{'sym' if spec.sym else 'asym'}; embed_tokens, norms, biases: float16")
+            elif stage in FP16_STAGES:
+                precision[stage] = "float16"
+            else:
+                dts = sorted({ckpt.dtype(n) for n in names})
+                precision[stage] = f"unchanged from the source ({', '.join(dts)})"
+        manifest = {
+            "format": bundle_mod.FORMAT, "format_version": bundle_mod.FORMAT_VERSION,
+            "created_by": f"omni-edge {__version__} quantize",
+            "source": {"kind": cfg.kind, "model_type": cfg.raw.get("model_type"),
+                       "architectures": cfg.raw.get("architectures"), "fingerprint": fingerprint,
+                       "fingerprint_of": "config.json and every tensor's name, dtype and shape",
+                       "tensors": len(ckpt.names())},
+            "modules": {stage: {"files": sorted(fs), "precision": precision[stage],
+                                "quantized": stage == "backbone"} for stage, fs in modules.items()},
+            "files": file_table,
+            "quantization": {
+                "method": opts.method, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
+                "desc_act": spec.act_order, "static_groups": spec.uses_static_groups, "damp_percent": spec.damp,
+                "block_size": spec.block_size, "true_sequential": True, "checkpoint_format": "gptq",
+                "quantized": "every decoder-layer linear (q/k/v or W_pack, o_proj, gate_proj, up_proj, down_proj)",
+                "unquantized": {"float16": ["embed_tokens", "norms", "q/k/v biases", "lm_head"]
+                                + (["audio_embed_layers"] if cfg.kind == "omni" else []),
+                                "unchanged": sorted(s for s in modules if s not in FP16_STAGES)},
+                "calibration": calib.describe(), "seed": opts.seed, "device": opts.device,
+            },
+            "token_ids": _token_ids(src),
+            "side_files": side,
+            "report": report,
+        }
+        write_json(tmp / bundle_mod.MANIFEST, manifest)
+        bundle_mod.validate(tmp)  # the bundle must pass its own check before it may appear
+    return manifest
