@@ -256,7 +256,8 @@ class DecoderLayer:
         for spec in decoder_layer_specs(cfg):
             if isinstance(spec, LinearSpec):
                 lin = linear(spec)
-                _check_shape(prefix + spec.prefix, lin, (spec.out_features, spec.in_features))
+                _check_shape(prefix + spec.prefix + ("" if lin.quantized else ".weight"), lin,
+                             (spec.out_features, spec.in_features))
                 if lin.bias is not None:
                     _check_shape(prefix + spec.prefix + ".bias", lin.bias, (spec.out_features,))
                 linears[spec.prefix] = lin
