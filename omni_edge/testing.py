@@ -289,6 +289,32 @@ def tiny_config(ids: Dict[str, int], vocab_size: int, *, layers: int = 2, hidden
     }
 
 
+# The released model's sizes (MODEL.md §1.5, §3.2), applied over the tiny config's keys by reference_config().
+_REFERENCE_SIZES = {
+    "audio_config": {"audio_head_transformer_layers": 3, "d_model": 1280, "decoder_attention_heads": 20,
+                     "decoder_ffn_dim": 5120, "decoder_layers": 8, "encoder_attention_heads": 20,
+                     "encoder_ffn_dim": 5120, "encoder_layers": 32,
+                     "vq_config": {"enable": True, "codebook_sizes": [8192, 4096, 2048, 1024, 1024, 1024, 1024, 1024]}},
+    "flow_matching_config": {"prenet_in_dim": 1280, "prenet_d_model": 512, "prenet_attention_heads": 8,
+                             "prenet_ffn_dim": 2048, "prenet_nlayers": 12, "channels": [256], "attention_head_dim": 64,
+                             "n_blocks": 4, "num_mid_blocks": 12, "num_heads": 8},
+    "visual_config": {"depth": 32, "embed_dim": 1280, "num_heads": 16},
+    "video_config": {"depth": 32, "embed_dim": 1280, "num_heads": 16},
+    "vocoder_config": {"channels": [256, 256, 256, 256, 256]},
+    "max_window_layers": 28,
+}
+
+
+def reference_config() -> dict:
+    """config.json of the full-size Baichuan-Omni-1.5 (MODEL.md §1.5 / §3.2 numbers, real token ids): for shape
+    tables, memory plans and benchmarks at the real sizes. No weights come with it."""
+    ids = {content: i for content, i, _ in SPECIAL_TOKENS}
+    d = tiny_config(ids, QWEN_VOCAB_SIZE, layers=28, hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
+                    head_dim=128, intermediate_size=18944)
+    d["_name_or_path"] = "_"
+    return _merge(d, _REFERENCE_SIZES)
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
