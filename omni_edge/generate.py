@@ -1,0 +1,367 @@
+"""Text generation: prefill, then one token at a time over the backbone's KV cache.
+
+- `SamplingParams`: greedy (temperature 0) or sampling with temperature, top-k, top-p and a repetition
+  penalty, in the order HF `generate` applies them (penalty, temperature, top-k, top-p). The defaults are the
+  reference demo's text settings (MODEL.md §2.3): T 0.8, top-k 20, top-p 0.85, repetition penalty 1.1.
+- `Sampler`: picks the next token on the backbone's device from one row of fp32 logits, with a seeded
+  `torch.Generator` and a preallocated context buffer for the penalty; no host synchronisation inside.
+- `ChatSession`: a conversation over one backbone. Each turn renders the whole conversation with the prompt
+  format, keeps the longest prefix the KV cache already holds and prefills only the rest, then decodes until a
+  stop token, a stop string or `max_new_tokens`, streaming text through a callback as it becomes complete.
+
+The decode loop reads one integer per token from the device (the sampled id, needed for stop checks and
+streaming) and allocates nothing big on the host: the input id lives in a preallocated tensor.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from omni_edge.tokenizer import Message, StreamDecoder, Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 1024  # the reference demo's text-only limit (MODEL.md §4)
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 20  # 0 = off
+    top_p: float = 0.85  # 1 = off
+    repetition_penalty: float = 1.1  # 1 = off; HF rule: logit / p if positive, logit * p if negative
+    stop_strings: Tuple[str, ...] = ()  # the reply ends before the first occurrence of any of these
+    stop_ids: Tuple[int, ...] = ()  # extra stop tokens, besides the prompt format's (eos ...)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> "SamplingParams":
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1] (1 = off), got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop_strings: empty strings are not allowed")
+        return self
+
+
+def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF's rule, in place, on every token id in `context` (1-D int64; repeats are harmless): a positive logit
+    is divided by the penalty, a negative one multiplied by it. Costs O(len(context)), not O(vocab)."""
+    if penalty == 1.0 or context.numel() == 0:
+        return logits
+    vals = logits.index_select(0, context)
+    logits.index_copy_(0, context, torch.where(vals > 0, vals / penalty, vals * penalty))
+    return logits
+
+
+class Sampler:
+    """Next-token choice for one sequence, on the logits' device, with no host synchronisation.
+
+    `set_context(ids)` gives the tokens the repetition penalty looks at (HF counts the prompt too);
+    `observe(token)` adds a generated one; `sample(logits)` returns a (1,) int64 tensor. The context lives in
+    a buffer allocated once (`capacity` ids), so a decode step allocates nothing vocabulary-sized besides the
+    logits it is given, which it modifies in place."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, device, *, capacity: int,
+                 seed: Optional[int] = None):
+        self.params = params.validate()
+        self.vocab_size = vocab_size
+        self.context = torch.zeros(capacity, dtype=torch.long, device=device)  # (capacity,) token ids
+        self.n = 0
+        self.generator = torch.Generator(device=device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(seed))
+
+    def set_context(self, ids: Sequence[int]) -> None:
+        ids = [i for i in ids if 0 <= i < self.vocab_size]
+        if len(ids) > self.context.numel():
+            raise ValueError(f"context: {len(ids)} ids exceed the sampler's capacity {self.context.numel()}")
+        self.n = len(ids)
+        if ids:
+            self.context[:self.n].copy_(torch.tensor(ids, dtype=torch.long))
+
+    def observe(self, token: torch.Tensor) -> None:
+        if self.n < self.context.numel():
+            self.context[self.n:self.n + 1].copy_(token.view(1))
+            self.n += 1
+
+    def candidates(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Processed logits of the tokens that may be drawn, and their ids: repetition penalty, then
+        temperature, top-k and top-p (HF's order; top-p after top-k works on the renormalised top k). Tokens
+        cut by top-p get -inf. Sampling mode only; modifies `logits` in place."""
+        p = self.params
+        logits = apply_repetition_penalty(logits, self.context[:self.n], p.repetition_penalty)
+        logits = logits.div_(p.temperature)
+        vocab = logits.numel()
+        if 0 < p.top_k < vocab:
+            values, index = torch.topk(logits, p.top_k)  # sorted, largest first
+            probs = torch.softmax(values, dim=-1)
+        elif p.top_p < 1.0:
+            # Top-p alone: rather than sorting the whole vocabulary (tens of ms at 152k entries on a CPU), take
+            # the top k for growing k until they hold top_p of the mass; the nucleus is then inside them. This
+            # reads one number back per try (a host sync), which only this setting pays.
+            full = torch.softmax(logits, dim=-1)
+            k = min(256, vocab)
+            while True:
+                values, index = torch.topk(logits, k)
+                probs = full[index]
+                if k == vocab or float(probs.sum()) >= p.top_p:
+                    break
+                k = min(4 * k, vocab)
+        else:  # no truncation: every token is a candidate, in vocabulary order
+            return logits, torch.arange(vocab, device=logits.device)
+        if p.top_p < 1.0:
+            # drop a token when the tokens ranked above it already hold top_p of the mass; the first always stays
+            before = torch.cumsum(probs, dim=-1) - probs
+            values = values.masked_fill(before >= p.top_p, float("-inf"))
+        return values, index
+
+    def _draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """One index drawn from softmax(logits) by inverting the CDF with a single uniform number (cheaper
+        than torch.multinomial or a Gumbel race over a 152k vocabulary, and free of host syncs)."""
+        cdf = torch.cumsum(torch.softmax(logits, dim=-1), dim=-1, dtype=torch.float64)
+        u = torch.rand(1, generator=self.generator, dtype=torch.float64, device=logits.device) * cdf[-1]
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=logits.numel() - 1)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits[: self.vocab_size]
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        p = self.params
+        if p.greedy:
+            logits = apply_repetition_penalty(logits, self.context[:self.n], p.repetition_penalty)
+            return torch.argmax(logits).view(1)
+        if p.top_k == 0 and p.top_p == 1.0:  # plain sampling over the whole vocabulary
+            logits = apply_repetition_penalty(logits, self.context[:self.n], p.repetition_penalty)
+            return self._draw(logits.div_(p.temperature))
+        values, index = self.candidates(logits)
+        return index[self._draw(values)]
+
+
+class _TextOut:
+    """Reply text with stop strings: text that could be the start of a stop string is held back until it is
+    known not to be one, so the caller never sees part of a stop string."""
+
+    def __init__(self, stop_strings: Sequence[str], on_text: Optional[Callable[[str], None]]):
+        self.stops = tuple(stop_strings)
+        self.on_text = on_text
+        self.text = ""
+        self.emitted = 0
+
+    def _emit(self, upto: int) -> None:
+        if upto > self.emitted:
+            piece = self.text[self.emitted:upto]
+            self.emitted = upto
+            if self.on_text is not None:
+                self.on_text(piece)
+
+    def add(self, piece: str) -> bool:
+        """Append text; True when a stop string has appeared (the text is cut just before it)."""
+        if not piece:
+            return False
+        before = len(self.text)
+        self.text += piece
+        if self.stops:
+            hits = [i for s in self.stops
+                    if (i := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self._emit(len(self.text))
+                return True
+            hold = 0
+            for k in range(min(len(self.text), max(len(s) for s in self.stops) - 1), 0, -1):
+                tail = self.text[-k:]
+                if any(s.startswith(tail) for s in self.stops):
+                    hold = k
+                    break
+            self._emit(max(self.emitted, len(self.text) - hold))
+        else:
+            self._emit(len(self.text))
+        return False
+
+    def finish(self) -> None:
+        self._emit(len(self.text))
+
+
+@dataclass
+class Reply:
+    text: str
+    ids: List[int]  # generated tokens, stop token excluded
+    finish_reason: str  # "stop" (stop token or string), "length" (max_new_tokens), "interrupted"
+    prompt_tokens: int  # tokens of the whole conversation prompt
+    prefilled_tokens: int  # of which were prefilled this turn (the rest came from the KV cache)
+    prefill_s: float  # prefill forward + the first sample
+    decode_s: float  # wall time of the decode loop (forwards, sampling and streaming)
+    step_s: List[float] = field(default_factory=list)  # per decode step: forward + logits + sample + read id
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.ids)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefilled_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tok_s(self) -> float:
+        return len(self.step_s) / self.decode_s if self.decode_s > 0 and self.step_s else float("nan")
+
+
+# The KV cache belongs to the backbone, so one session at a time holds its conversation there: a session
+# that finds another one used the cache since its own last turn re-prefills its whole conversation.
+_CACHE_USER: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class ChatSession:
+    """A conversation with one backbone; the backbone's KV cache holds the conversation so far.
+
+    `cached` lists the tokens whose keys and values are in the cache at positions 0..len-1. A turn renders
+    the whole conversation, reuses the longest common prefix with `cached` and prefills the rest from there
+    (positions past it are simply overwritten), so editing the system prompt or a template that re-renders
+    earlier turns differently stays correct, and the usual case prefills only the new turn."""
+
+    def __init__(self, backbone, tokenizer: Tokenizer, prompt, *, device, vocab_size: int,
+                 system: Optional[str] = None, seed: Optional[int] = None, prefill_chunk: int = 512):
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.prompt = prompt  # BaichuanPrompt | TemplatePrompt
+        self.device = torch.device(device)
+        self.system = system
+        self.seed = seed
+        self.prefill_chunk = prefill_chunk
+        self.history: List[Message] = []
+        self.cached: List[int] = []
+        # lm_head rows past the tokenizer's vocabulary are padding (152064 vs 151702 for Baichuan-Omni):
+        # never sample them
+        self.vocab_size = min(tokenizer.vocab_size, int(vocab_size))
+        self._input = torch.zeros((1, 1), dtype=torch.long, device=self.device)  # the decode step's input id
+        self._generator_state = None
+        self._reseed()
+
+    @property
+    def max_len(self) -> int:
+        return int(self.backbone.max_len)
+
+    def _reseed(self) -> None:
+        g = torch.Generator(device=self.device)
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(int(self.seed))
+        self._generator_state = g.get_state()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays); the RNG restarts from the seed."""
+        self.history = []
+        self.cached = []
+        self._reseed()
+
+    def messages(self, user: Optional[str] = None) -> List[Message]:
+        msgs: List[Message] = []
+        if self.system is not None:
+            msgs.append({"role": "system", "content": self.system})
+        msgs += self.history
+        if user is not None:
+            msgs.append({"role": "user", "content": user})
+        return msgs
+
+    def _forward_logits(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Run ids (1, T) at positions start.. ; returns the last position's logits (V,) fp32."""
+        hidden = None
+        for a in range(0, ids.shape[1], self.prefill_chunk):
+            chunk = ids[:, a:a + self.prefill_chunk]
+            hidden = self.backbone.forward(chunk, start=start + a)
+        return self.backbone.logits(hidden[:, -1])[0]
+
+    @torch.inference_mode()
+    def send(self, user: str, params: Optional[SamplingParams] = None,
+             on_text: Optional[Callable[[str], None]] = None) -> Reply:
+        """One turn: the user's message in, the assistant's reply out (streamed through `on_text`).
+
+        Raises ValueError, leaving the conversation unchanged, if the prompt plus `max_new_tokens` would not
+        fit the context allocated for this session. If interrupted (KeyboardInterrupt from `on_text` or the
+        user), the reply so far is kept in the conversation and the exception propagates."""
+        params = (params or SamplingParams()).validate()
+        user_ref = _CACHE_USER.get(self.backbone)
+        if user_ref is None or user_ref() is not self:
+            self.cached = []
+            _CACHE_USER[self.backbone] = weakref.ref(self)
+        ids = self.prompt.render(self.messages(user))
+        need = len(ids) + params.max_new_tokens
+        if need > self.max_len:
+            raise ValueError(f"the prompt ({len(ids)} tokens, conversation so far included) plus max_new_tokens "
+                             f"({params.max_new_tokens}) needs {need} positions, more than the context of "
+                             f"{self.max_len} tokens allocated for this session")
+        stop_ids = frozenset(self.prompt.stop_ids) | frozenset(params.stop_ids)
+        sampler = Sampler(params, self.vocab_size, self.device, capacity=self.max_len)
+        sampler.generator.set_state(self._generator_state)
+
+        keep = 0
+        limit = min(len(self.cached), len(ids) - 1)  # prefill at least one token to get logits
+        while keep < limit and self.cached[keep] == ids[keep]:
+            keep += 1
+
+        self.history.append({"role": "user", "content": user})
+        reply_ids: List[int] = []
+        out = _TextOut(params.stop_strings, on_text)
+        stream: StreamDecoder = self.tokenizer.stream()
+        finish = "interrupted"
+        stopped_by_string = False
+        step_s: List[float] = []
+        t0 = time.perf_counter()
+        prefill_s = 0.0
+        t_decode = t0
+        try:
+            self.cached = self.cached[:keep]
+            new = torch.tensor([ids[keep:]], dtype=torch.long, device=self.device)
+            logits = self._forward_logits(new, keep)
+            self.cached = list(ids)
+            sampler.set_context(ids)
+            token = sampler.sample(logits)
+            tid = int(token)
+            prefill_s = time.perf_counter() - t0
+            t_decode = time.perf_counter()
+            while True:
+                if tid in stop_ids:
+                    finish = "stop"
+                    break
+                reply_ids.append(tid)
+                if out.add(stream.push(tid)):
+                    finish, stopped_by_string = "stop", True
+                    break
+                if len(reply_ids) >= params.max_new_tokens:
+                    finish = "length"
+                    break
+                ts = time.perf_counter()
+                sampler.observe(token)
+                self._input.copy_(token.view(1, 1))
+                hidden = self.backbone.forward(self._input, start=len(self.cached))
+                self.cached.append(tid)
+                token = sampler.sample(self.backbone.logits(hidden[:, -1])[0])
+                tid = int(token)
+                step_s.append(time.perf_counter() - ts)
+            if not stopped_by_string:
+                out.add(stream.flush())  # bytes of an unfinished character, if the reply ended inside one
+            out.finish()
+        finally:
+            self._generator_state = sampler.generator.get_state()
+            if finish == "interrupted" and not reply_ids:
+                self.history.pop()  # nothing was generated: forget the turn (the cache is still consistent)
+            else:
+                self.history.append({"role": "assistant", "content": out.text, "ids": list(reply_ids)})
+        return Reply(text=out.text, ids=reply_ids, finish_reason=finish, prompt_tokens=len(ids),
+                     prefilled_tokens=len(ids) - keep, prefill_s=prefill_s,
+                     decode_s=time.perf_counter() - t_decode, step_s=step_s)
