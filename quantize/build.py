@@ -277,9 +277,9 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
         config = dict(cfg.raw)
         config["quantization_config"] = _quantization_config(opts, spec)
         if cfg.kind == "hf":  # every float tensor of the bundle is fp16
-            for key in ("torch_dtype", "dtype"):
-                if key in config or key == "torch_dtype":
-                    config[key] = "float16"
+            keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+            for key in keys:
+                config[key] = "float16"
         write_json(tmp / "config.json", config)
         if len(writers) > 1:
             weight_map = {name: f for f, t in files.items() for name in sorted(t)}

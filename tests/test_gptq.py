@@ -1,0 +1,196 @@
+"""GPTQ and RTN on single linear layers: error against RTN, an independent OBS reference, dead inputs,
+determinism, and the round trip through the GPTQ tensors and omni_edge.ops.q4."""
+
+import pytest
+import torch
+
+from omni_edge.ops import q4
+from omni_edge.quantize.gptq import (HessianAccumulator, QuantSpec, grid_params, gptq_quantize, output_error,
+                                     rtn_quantize)
+
+
+def correlated_inputs(t: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Activations with strongly correlated features and uneven scales, like a transformer's."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k ** 0.5
+    scale = torch.exp(torch.randn(k, generator=g))
+    return (torch.randn(t, k, generator=g) @ mix + 0.1 * torch.randn(t, k, generator=g)) * scale
+
+
+def layer_case(n=48, k=256, t=1024, seed=0):
+    x = correlated_inputs(t, k, seed)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1))
+    acc = HessianAccumulator(k)
+    acc.add(x)
+    return x, w, acc.hessian()
+
+
+def rel_err(x, w, wq):
+    return float(((x @ (w - wq).t()) ** 2).sum() / ((x @ w.t()) ** 2).sum())
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+def test_gptq_beats_rtn_on_calibration_inputs(sym, act_order, group_size):
+    x, w, h = layer_case()
+    spec = QuantSpec(group_size=group_size, sym=sym, act_order=act_order)
+    e_gptq = rel_err(x, w, gptq_quantize(w, h, spec).weight)
+    e_rtn = rel_err(x, w, rtn_quantize(w, spec).weight)
+    # GPTQ minimises exactly this error; on correlated inputs it roughly halves RTN's (measured 0.45-0.55x).
+    assert e_gptq < 0.75 * e_rtn, (e_gptq, e_rtn)
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_other_bit_widths(bits):
+    x, w, h = layer_case(k=128)
+    spec = QuantSpec(bits=bits, group_size=64, sym=False)
+    res = gptq_quantize(w, h, spec)
+    assert int(res.q.max()) <= (1 << bits) - 1
+    assert rel_err(x, w, res.weight) < 0.75 * rel_err(x, w, rtn_quantize(w, spec).weight)
+
+
+def obs_reference(w, h, spec: QuantSpec):
+    """Independent reference in float64: Optimal Brain Surgeon steps with an explicit inverse Hessian that is
+    updated by eliminating each quantized column (the paper's eq. 3 with the inverse update of eq. 4), one
+    column at a time, no Cholesky, no blocks. Non-static groups take their grid from the current weights."""
+    w = w.double().clone()
+    h = h.double().clone()
+    n, k = w.shape
+    gs = k if spec.group_size == -1 else spec.group_size
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    order = torch.argsort(torch.diag(h), descending=True, stable=True) if spec.act_order else torch.arange(k)
+    w, h = w[:, order], h[order][:, order]
+    h += spec.damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.inv(h)
+    q = torch.zeros_like(w)
+    scale = zero = None
+    for j in range(k):
+        if j % gs == 0:
+            blk = w[:, j:j + gs]
+            scale, zero = grid_params(blk.amin(1), blk.amax(1), bits=spec.bits, sym=spec.sym)
+            scale, zero = scale.double(), zero.double()
+        code = torch.clamp(torch.round(w[:, j] / scale) + zero, 0, spec.maxq)
+        q[:, j] = scale * (code - zero)
+        err = (w[:, j] - q[:, j]) / hinv[j, j]
+        w[:, j:] -= err[:, None] * hinv[j, j:][None, :]
+        hinv = hinv - hinv[:, j:j + 1] @ hinv[j:j + 1, :] / hinv[j, j]
+    return q[:, torch.argsort(order)].float()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [32, 96])
+def test_matches_obs_reference(act_order, group_size):
+    """The blocked Cholesky algorithm equals column-by-column OBS with explicit inverses. group 96 with
+    blocks of 64 puts group starts inside blocks and groups across block ends."""
+    x, w, h = layer_case(n=24, k=192, t=768, seed=3)
+    spec = QuantSpec(group_size=group_size, sym=False, act_order=act_order, static_groups=False, block_size=64)
+    ours = gptq_quantize(w, h, spec).weight
+    ref = obs_reference(w, h, spec)
+    # fp32 vs fp64 arithmetic may flip a rounding decision now and then; everything else must agree.
+    differ = (ours - ref).abs() > 1e-4
+    assert differ.float().mean() < 0.01, float(differ.float().mean())
+    assert abs(rel_err(x, w, ours) / rel_err(x, w, ref) - 1) < 0.02
+
+
+def test_block_size_does_not_change_the_result():
+    x, w, h = layer_case(n=16, k=256, t=512, seed=5)
+    a = gptq_quantize(w, h, QuantSpec(group_size=64, block_size=128)).weight
+    b = gptq_quantize(w, h, QuantSpec(group_size=64, block_size=32)).weight
+    assert ((a - b).abs() > 1e-4).float().mean() < 0.005
+
+
+def test_dead_inputs_are_zeroed_and_finite():
+    x, w, _ = layer_case(k=128)
+    x[:, [3, 77]] = 0
+    acc = HessianAccumulator(128)
+    acc.add(x)
+    for spec in (QuantSpec(group_size=32, sym=False), QuantSpec(group_size=32, act_order=True)):
+        res = gptq_quantize(w, acc.hessian(), spec)
+        assert torch.isfinite(res.weight).all()
+        assert torch.equal(res.weight[:, [3, 77]], torch.zeros(w.shape[0], 2))
+
+
+def test_singular_hessian_raises_dampening():
+    k = 64
+    v = torch.randn(k, generator=torch.Generator().manual_seed(0)).abs() + 0.5
+    h = torch.outer(v, v)  # rank 1, no dead inputs: not invertible without dampening
+    w = torch.randn(8, k)
+    res = gptq_quantize(w, h, QuantSpec(group_size=32, damp=0.0))
+    assert res.damp_used > 0 and torch.isfinite(res.weight).all()
+
+
+def test_deterministic():
+    _, w, h = layer_case(seed=7)
+    spec = QuantSpec(group_size=64, act_order=True, sym=False)
+    a, b = gptq_quantize(w, h, spec), gptq_quantize(w, h, spec)
+    for f in ("q", "zeros", "scales", "g_idx"):
+        assert torch.equal(getattr(a, f), getattr(b, f))
+
+
+def test_hessian_accumulator():
+    x = torch.randn(300, 40)
+    acc = HessianAccumulator(40)
+    acc.add(x[:100].reshape(4, 25, 40))
+    acc.add(x[100:])
+    torch.testing.assert_close(acc.hessian(), 2 * x.t() @ x / 300, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="last dim 40"):
+        acc.add(torch.randn(3, 41))
+
+
+def test_output_error_estimate_matches_direct():
+    x, w, h = layer_case()
+    wq = gptq_quantize(w, h, QuantSpec(group_size=64)).weight
+    assert abs(output_error(w, wq, h, max_rows=10_000) / rel_err(x, w, wq) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_rtn_and_grid_agree_with_q4(sym, group_size):
+    w = torch.randn(40, 256)
+    ours = rtn_quantize(w, QuantSpec(group_size=group_size, sym=sym))
+    ref = q4.quantize_rtn(w, group_size, sym=sym)
+    for a, b in zip((ours.q, ours.zeros, ours.scales, ours.g_idx), ref):
+        assert torch.equal(a, b)
+    lo, hi = torch.randn(100), torch.randn(100)
+    for a, b in zip(grid_params(lo, hi, bits=4, sym=sym), q4.grid_params(lo, hi, sym=sym)):
+        assert torch.equal(a, b)
+
+
+CASES = [(sym, ao, static, gs) for sym in (True, False) for ao, static in ((False, None), (True, True), (True, False))
+         for gs in (32, 64, 128, -1)]
+
+
+@pytest.mark.parametrize("sym,act_order,static,group_size", CASES)
+def test_roundtrip_through_gptq_tensors_and_q4(sym, act_order, static, group_size):
+    x, w, h = layer_case(n=40, k=256, t=512, seed=11)
+    res = gptq_quantize(w, h, QuantSpec(group_size=group_size, sym=sym, act_order=act_order, static_groups=static))
+    if act_order and static is False and group_size != -1:
+        assert not bool((res.g_idx[1:] >= res.g_idx[:-1]).all())  # groups follow the permuted order
+    else:
+        gs = 256 if group_size == -1 else group_size
+        assert torch.equal(res.g_idx, torch.arange(256, dtype=torch.int32) // gs)
+    for fmt in ("gptq", "gptq_v2"):
+        qweight, qzeros = q4.pack_gptq(res.q, res.zeros, checkpoint_format=fmt)
+        q_back, z_back = q4.unpack_gptq(qweight, qzeros, checkpoint_format=fmt)
+        assert torch.equal(q_back, res.q) and torch.equal(z_back, res.zeros)  # bit-exact
+        qw = q4.QWeight.from_gptq(qweight, qzeros, res.scales, res.g_idx, group_size=group_size, sym=sym,
+                                  checkpoint_format=fmt)
+        assert torch.equal(qw.dequantize(), res.weight.t())  # the codes decode to exactly GPTQ's weight
+        xs = torch.randn(7, 256)
+        # q4 matmul against the fp32 matmul of the dequantized weight (STYLE.md rule 8)
+        torch.testing.assert_close(q4.matmul(xs, qw), xs @ res.weight.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_specs():
+    with pytest.raises(ValueError, match="group_size"):
+        QuantSpec(group_size=0)
+    with pytest.raises(ValueError, match="bits"):
+        QuantSpec(bits=5)
+    w, h = torch.randn(8, 96), torch.eye(96)
+    with pytest.raises(ValueError, match="K=96 is not a multiple of group_size=64"):
+        gptq_quantize(w, h, QuantSpec(group_size=64))
+    with pytest.raises(ValueError, match=r"expected shape \(96, 96\)"):
+        gptq_quantize(w, torch.eye(64), QuantSpec(group_size=32))
