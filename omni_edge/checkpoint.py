@@ -458,8 +458,6 @@ class Checkpoint:
                     self._check_linear(s, errors, None)
                 else:
                     self._check_tensor(s.name, s.shape, FLOAT, errors, None)
-        if self.config.kind == "hf" and self.config.backbone.tie_word_embeddings and self.has("lm_head.weight"):
-            pass  # some exporters store the tied copy too; it is ignored
         self._raise(errors, "tensors do not match config.json")
 
     def missing(self, stage: str) -> List[str]:
