@@ -2,8 +2,11 @@
 
 What the bundle holds (ARCHITECTURE.md, "The edge bundle"):
 
-- the decoder's linears in the standard GPTQ layout (qweight, qzeros, scales, g_idx, bias; checkpoint_format
-  "gptq", i.e. v1 zero points), under the source's own tensor names;
+- the decoder's linears in the standard GPTQ layout (qweight, qzeros, scales, g_idx, bias), under the source's
+  own tensor names. checkpoint_format "gptq" (v1: stored zero = zero - 1) for symmetric grids; asymmetric grids
+  default to "gptq_v2" (stored zero = zero), because v1 cannot tell an asymmetric zero point of 0 from the
+  wrapped -1 that old packers wrote, so GPTQModel (and transformers through it) refuses asymmetric v1
+  checkpoints from other producers. `checkpoint_format` overrides the choice;
 - the backbone's other tensors (embed_tokens, norms, lm_head, audio_embed_layers) as fp16;
 - every other stage's tensors unchanged (audio head, vision, audio tokenizer/decoder/flow matching);
 - config.json (the source's, plus `quantization_config`), the tokenizer and other side files, copied;
@@ -71,7 +74,12 @@ class QuantizeOptions:
     force: bool = False
     heldout: bool = True  # measure perplexity on the built-in held-out text
     heldout_max_tokens: int = 512  # per held-out text
+    checkpoint_format: Optional[str] = None  # "gptq" | "gptq_v2"; default: "gptq" if sym else "gptq_v2"
     progress: bool = True
+
+    @property
+    def format(self) -> str:
+        return self.checkpoint_format or ("gptq" if self.sym else "gptq_v2")
 
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,
@@ -202,7 +210,7 @@ def _token_ids(src: Path) -> dict:
 
 def _quantization_config(opts: QuantizeOptions, spec: QuantSpec) -> dict:
     return {
-        "quant_method": "gptq", "checkpoint_format": "gptq", "bits": spec.bits, "group_size": spec.group_size,
+        "quant_method": "gptq", "checkpoint_format": opts.format, "bits": spec.bits, "group_size": spec.group_size,
         "desc_act": spec.act_order, "sym": spec.sym, "static_groups": spec.uses_static_groups,
         "true_sequential": True, "damp_percent": spec.damp, "lm_head": False, "pack_dtype": "int32",
         "meta": {"quantizer": [f"omni-edge:{__version__}"], "method": opts.method},
@@ -218,6 +226,8 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
     if opts.bits != 4:
         raise ValueError(f"--bits {opts.bits}: bundles hold 4-bit weights (the runtime's q4 kernels); "
                          "the GPTQ code itself also does 2/3/8 bits")
+    if opts.format not in ("gptq", "gptq_v2"):
+        raise ValueError(f"--checkpoint-format must be gptq or gptq_v2, got {opts.format!r}")
     if opts.method not in ("gptq", "rtn"):
         raise ValueError(f"--method must be gptq or rtn, got {opts.method!r}")
     spec = opts.spec()
@@ -264,7 +274,8 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
                     where[name].write(name, t)
 
             result = run_sequential(ckpt, spec, method=opts.method, calibration=calib.samples, heldout=heldout,
-                                    device=opts.device, on_layer=on_layer, progress=opts.progress, log=log)
+                                    device=opts.device, checkpoint_format=opts.format, on_layer=on_layer,
+                                    progress=opts.progress, log=log)
             for w in writers.values():
                 w.close()
         except BaseException:
@@ -322,7 +333,7 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
             "quantization": {
                 "method": opts.method, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
                 "desc_act": spec.act_order, "static_groups": spec.uses_static_groups, "damp_percent": spec.damp,
-                "block_size": spec.block_size, "true_sequential": True, "checkpoint_format": "gptq",
+                "block_size": spec.block_size, "true_sequential": True, "checkpoint_format": opts.format,
                 "quantized": "every decoder-layer linear (q/k/v or W_pack, o_proj, gate_proj, up_proj, down_proj)",
                 "unquantized": {"float16": ["embed_tokens", "norms", "q/k/v biases", "lm_head"]
                                 + (["audio_embed_layers"] if cfg.kind == "omni" else []),

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
+    p.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default=None,
+                   help="zero-point convention of the GPTQ tensors: gptq (v1, stored zero - 1; default with --sym) "
+                        "or gptq_v2 (default with --asym: other tools refuse asymmetric v1 checkpoints)")
     p.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of its mean diagonal "
                    "(default 0.01)")
     p.add_argument("--calib", metavar="FILE", help="calibration texts, JSON lines {\"text\": \"...\"}, each used "
@@ -54,7 +57,8 @@ def run(args) -> int:
     opts = QuantizeOptions(bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
                            static_groups=args.static_groups, damp=args.damp, method=args.method, calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, seed=args.seed,
-                           force=args.force, heldout=args.heldout, progress=not args.quiet)
+                           force=args.force, heldout=args.heldout, progress=not args.quiet,
+                           checkpoint_format=args.checkpoint_format)
 
     def on_term(signum, frame):  # a kill still removes the partial output (via KeyboardInterrupt cleanup)
         raise KeyboardInterrupt

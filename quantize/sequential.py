@@ -116,9 +116,10 @@ def _split_result(res: QuantResult, sizes: Sequence[int]) -> List[QuantResult]:
     return out
 
 
-def gptq_tensors(prefix: str, res: QuantResult, bias: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The standard GPTQ checkpoint tensors of one linear (v1 zero convention), CPU."""
-    qweight, qzeros = q4.pack_gptq(res.q.cpu(), res.zeros.cpu(), checkpoint_format="gptq")
+def gptq_tensors(prefix: str, res: QuantResult, bias: Optional[torch.Tensor],
+                 checkpoint_format: str = "gptq") -> Dict[str, torch.Tensor]:
+    """The standard GPTQ checkpoint tensors of one linear, CPU."""
+    qweight, qzeros = q4.pack_gptq(res.q.cpu(), res.zeros.cpu(), checkpoint_format=checkpoint_format)
     t = {prefix + ".qweight": qweight, prefix + ".qzeros": qzeros,
          prefix + ".scales": res.scales.cpu().to(torch.float16), prefix + ".g_idx": res.g_idx.cpu().to(torch.int32)}
     if bias is not None:
@@ -134,7 +135,7 @@ def _nll(hidden: torch.Tensor, ids: torch.Tensor, norm: torch.Tensor, lm_head: t
 
 
 def run_sequential(ckpt: Checkpoint, spec: QuantSpec, *, method: str, calibration: Sequence[Sequence[int]],
-                   heldout: Sequence[Sequence[int]] = (), device="cpu",
+                   heldout: Sequence[Sequence[int]] = (), device="cpu", checkpoint_format: str = "gptq",
                    on_layer: Optional[Callable[[int, Dict[str, torch.Tensor]], None]] = None,
                    progress: bool = True, log: Callable[[str], None] = print) -> PassResult:
     """Quantize every decoder layer of `ckpt` in order (see the module docstring). `on_layer(i, tensors)`
@@ -192,7 +193,7 @@ def run_sequential(ckpt: Checkpoint, spec: QuantSpec, *, method: str, calibratio
                 parts = _split_result(res, [lin.out_features for lin in lins]) if len(lins) > 1 else [res]
                 for name, lin, part in zip(group, lins, parts):
                     errors[name] = output_error(lin.weight, part.weight, hessian)
-                    out.update(gptq_tensors(prefix + name, part, lin.bias))
+                    out.update(gptq_tensors(prefix + name, part, lin.bias, checkpoint_format))
                     layer.replace_linear(name, Linear(weight=part.weight.to(dev), bias=lin.bias))
                 del hessian, res, parts, stacked
             bar.set_postfix_str(" ".join(f"{n.split('.')[-1]}={errors[n]:.2e}" for n in group))

@@ -118,11 +118,25 @@ def test_hf_bundle_is_a_gptq_checkpoint(qwen2_bundle, qwen2_src):
     assert names["model.layers.0.self_attn.q_proj.bias"][1].dtype == torch.float16
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
+    # asymmetric grids default to gptq_v2 (other tools refuse asymmetric v1 from other producers)
     assert (qc["quant_method"], qc["checkpoint_format"], qc["bits"], qc["desc_act"], qc["sym"]) == \
-        ("gptq", "gptq", 4, True, False)
+        ("gptq", "gptq_v2", 4, True, False)
     assert cfg["dtype"] == "float16"
     from transformers import AutoConfig  # transformers reads it as a GPTQ config
     assert AutoConfig.from_pretrained(out).quantization_config["bits"] == 4
+
+
+def test_asym_v1_on_request(qwen2_src, tmp_path):
+    from omni_edge import pipeline
+    from omni_edge.quantize.report import runtime_perplexity
+
+    out = tmp_path / "v1"
+    m = quantize_checkpoint(qwen2_src, out, QuantizeOptions(group_size=32, sym=False, checkpoint_format="gptq",
+                                                            **FAST), log=quiet)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq"
+    model = pipeline.load(out)
+    held = calibration.heldout_samples(model.tokenizer.encode, max_tokens=FAST["heldout_max_tokens"])
+    assert runtime_perplexity(model.backbone, held) == pytest.approx(m["report"]["perplexity"]["quantized"], rel=1e-4)
 
 
 def test_deterministic_for_a_seed(qwen2_src, qwen2_bundle, tmp_path):
