@@ -1,0 +1,232 @@
+"""`omni-edge chat`: talk to a model, interactively or one-shot with --prompt.
+
+One-shot prints only the reply on stdout (everything else goes to stderr). Interactive mode streams each
+reply as it is generated and keeps the conversation in the KV cache, so a turn prefills only what is new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, TextIO
+
+from omni_edge.cli import CliError
+
+INTERACTIVE_HELP = '''\
+interactive mode (no --prompt):
+  Type a message and press Enter; the reply streams back as it is generated.
+  Multi-line input: end a line with a backslash (\\) to continue on the next line, or
+  start a line with """ to open a block that ends at the next line ending in """.
+  /system TEXT   set the system prompt (/system alone removes it); the conversation is kept
+  /reset         forget the conversation and start again
+  /help          show this help
+  /exit          quit (so do /quit and Ctrl-D)
+  Ctrl-C stops the reply being written; the conversation goes on.
+'''
+
+NO_MODEL_HELP = """\
+omni-edge chat needs a model: --model PATH (a checkpoint folder or an edge bundle).
+
+  * Baichuan-Omni-1.5: download the Hugging Face repository baichuan-inc/Baichuan-Omni-1d5 with your own
+    tools (for example `huggingface-cli download baichuan-inc/Baichuan-Omni-1d5 --local-dir Baichuan-Omni-1d5`);
+    omni-edge never downloads weights. Then: omni-edge chat --model Baichuan-Omni-1d5
+  * Make a 4-bit edge bundle from it (smaller and faster): omni-edge quantize Baichuan-Omni-1d5 omni-bundle
+    and chat with: omni-edge chat --model omni-bundle
+  * A plain Hugging Face Llama or Qwen2 checkpoint folder (config.json, safetensors, tokenizer.json and a
+    chat template) works too.
+  * No weights at hand? `omni-edge demo` builds a tiny random model and runs it end to end.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = INTERACTIVE_HELP
+    p.add_argument("--model", metavar="PATH", help="checkpoint folder or edge bundle")
+    p.add_argument("--prompt", metavar="TEXT", help="one-shot: answer TEXT, print only the reply, and exit")
+    p.add_argument("--system", metavar="TEXT", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
+                   help="longest reply in tokens (default 1024)")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                   help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=20, metavar="K", help="keep the K likeliest tokens; 0 = off (default 20)")
+    p.add_argument("--top-p", type=float, default=0.85, metavar="P", help="nucleus sampling mass; 1 = off (default 0.85)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1, metavar="R",
+                   help="penalty on tokens already in the context; 1 = off (default 1.1, also under greedy)")
+    p.add_argument("--seed", type=int, metavar="S", help="random seed, for reproducible sampling")
+    p.add_argument("--device", default="cpu", metavar="DEV", help="cpu or cuda (cuda:N for another GPU); default cpu")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="activation / dense weight dtype (default: the backbone's choice for the device)")
+    p.add_argument("--quant", choices=("none", "rtn4"), default="none",
+                   help="rtn4: quantise dense backbone linears to 4-bit at load (round-to-nearest)")
+    p.add_argument("--max-context", type=int, metavar="N",
+                   help="KV cache size in tokens (default 4096, capped by the model's max positions)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--stats", action="store_true",
+                   help="print token counts, prefill/decode speed and peak memory to stderr after each reply")
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return kb / (1024.0 if sys.platform != "darwin" else 1024.0 * 1024.0)
+
+
+def stats_line(reply) -> str:
+    return (f"stats: prompt_tokens={reply.prompt_tokens} new_tokens={reply.new_tokens} "
+            f"prefill_tok_s={reply.prefill_tok_s:.1f} decode_tok_s={reply.decode_tok_s:.1f} "
+            f"peak_rss_mb={_peak_rss_mb():.0f}")
+
+
+def read_message(read_line: Callable[[str], Optional[str]]) -> Optional[str]:
+    """One user message from `read_line(prompt)` (None at end of input), with backslash continuations and
+    triple-quote blocks. Returns None at end of input."""
+    line = read_line(">>> ")
+    if line is None:
+        return None
+    if line.lstrip().startswith('"""'):
+        rest = line.lstrip()[3:]
+        if rest.rstrip().endswith('"""'):
+            return rest.rstrip()[:-3]
+        parts = [rest]
+        while True:
+            more = read_line("... ")
+            if more is None:
+                break
+            if more.rstrip().endswith('"""'):
+                parts.append(more.rstrip()[:-3])
+                break
+            parts.append(more)
+        return "\n".join(parts).strip("\n")
+    parts = []
+    while line is not None and line.endswith("\\"):
+        parts.append(line[:-1])
+        line = read_line("... ")
+    if line is not None:
+        parts.append(line)
+    return "\n".join(parts)
+
+
+def interactive(session, params, read_line: Callable[[str], Optional[str]], out: TextIO, err: TextIO,
+                *, stats: bool = False) -> int:
+    """The read-reply loop. Errors in a turn are reported and the session goes on; EOF or /exit ends it."""
+    while True:
+        try:
+            text = read_message(read_line)
+        except KeyboardInterrupt:
+            err.write("\n(input cleared; /exit or Ctrl-D quits)\n")
+            continue
+        if text is None:
+            err.write("\n")
+            return 0
+        cmd = text.strip()
+        if not cmd:
+            continue
+        if cmd.startswith("/"):
+            name, _, arg = cmd.partition(" ")
+            if name in ("/exit", "/quit"):
+                return 0
+            if name == "/reset":
+                session.reset()
+                err.write("(conversation reset)\n")
+            elif name == "/system":
+                session.system = arg.strip() or None
+                err.write("(system prompt set)\n" if session.system else "(system prompt removed)\n")
+            elif name == "/help":
+                err.write(INTERACTIVE_HELP)
+            else:
+                err.write(f"unknown command {name}; /help lists the commands\n")
+            continue
+        started = False
+
+        def write(piece: str) -> None:
+            nonlocal started
+            started = True
+            out.write(piece)
+            out.flush()
+
+        try:
+            reply = session.send(text, params, on_text=write)
+        except KeyboardInterrupt:
+            out.write("\n")
+            out.flush()
+            err.write("(reply stopped)\n")
+            continue
+        except ValueError as e:
+            if started:
+                out.write("\n")
+            err.write(f"error: {e}\n")
+            continue
+        out.write("\n")
+        out.flush()
+        if stats:
+            err.write(stats_line(reply) + "\n")
+
+
+def _stdin_reader(interactive_tty: bool) -> Callable[[str], Optional[str]]:
+    if interactive_tty:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+
+        def read(prompt: str) -> Optional[str]:
+            try:
+                return input(prompt)
+            except EOFError:
+                return None
+        return read
+
+    def read_pipe(prompt: str) -> Optional[str]:
+        line = sys.stdin.readline()
+        if not line:
+            return None
+        return line[:-1] if line.endswith("\n") else line
+    return read_pipe
+
+
+def run(args) -> int:
+    if not args.model:
+        sys.stderr.write(NO_MODEL_HELP)
+        return 2
+
+    from omni_edge import pipeline
+    from omni_edge.generate import SamplingParams
+
+    try:
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p,
+                                repetition_penalty=args.repetition_penalty).validate()
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads must be >= 1, got {args.threads}")
+    try:
+        model = pipeline.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                              max_context=args.max_context, threads=args.threads)
+    except pipeline.ModelLoadError as e:
+        raise CliError(str(e)) from None
+    d = model.describe()
+    sys.stderr.write(f"omni-edge: {d['kind']} model, {d['layers']} layers x {d['hidden']} wide, "
+                     f"{d['device']} {d['dtype']}, quant {d['quant']}, context {d['max_context']} tokens\n")
+    session = model.session(system=args.system, seed=args.seed)
+
+    if args.prompt is not None:
+        def write(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        try:
+            reply = session.send(args.prompt, params, on_text=write)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if args.stats:
+            sys.stderr.write(stats_line(reply) + "\n")
+        return 0
+
+    tty = sys.stdin.isatty()
+    if tty:
+        sys.stderr.write('Type a message; /help for commands, """ for multi-line, Ctrl-D to quit.\n')
+    return interactive(session, params, _stdin_reader(tty), sys.stdout, sys.stderr, stats=args.stats)
