@@ -73,6 +73,17 @@ class TextModel:
     def kind(self) -> str:
         return self.config.kind
 
+    @property
+    def quant_label(self) -> str:
+        """How the backbone's linears are held: rtn4 (rounded at load), the checkpoint's own 4-bit format
+        (a bundle or GPTQ checkpoint), or dense."""
+        if self.quant != "none":
+            return self.quant
+        q = self.config.quantization
+        if q:
+            return f"{q.get('quant_method', 'gptq')} {q.get('bits', 4)}-bit (stored)"
+        return "none"
+
     def session(self, *, system: Optional[str] = None, seed: Optional[int] = None):
         """A new conversation (it takes over the KV cache from any earlier session)."""
         return ChatSession(self.backbone, self.tokenizer, self.prompt, device=self.device,
@@ -86,7 +97,7 @@ class TextModel:
             "layers": b.num_hidden_layers, "hidden": b.hidden_size, "heads": b.num_attention_heads,
             "kv_heads": b.num_key_value_heads, "head_dim": b.head_dim, "intermediate": b.intermediate_size,
             "vocab": b.vocab_size, "device": str(self.device), "dtype": str(getattr(self.backbone, "dtype", "?")),
-            "quant": self.quant, "max_context": self.max_context, "prompt_format": self.prompt.name,
+            "quant": self.quant_label, "max_context": self.max_context, "prompt_format": self.prompt.name,
             **kernel_report(self.device),
         }
 
@@ -116,16 +127,13 @@ def set_threads(n: int) -> None:
 
 
 def _open_weights(path: Path):
-    """Checkpoint (or edge bundle) with every backbone tensor checked against the config."""
+    """Checkpoint (or edge bundle, whose manifest is validated first) with every backbone tensor checked
+    against the config."""
+    from omni_edge import bundle
     from omni_edge.checkpoint import Checkpoint
 
-    if (path / "omni_edge.json").is_file():
-        try:
-            from omni_edge import bundle
-        except ImportError:
-            bundle = None
-        if bundle is not None and hasattr(bundle, "validate"):
-            bundle.validate(path)
+    if bundle.is_bundle(path):
+        bundle.validate(path)
     return Checkpoint.open(path)
 
 

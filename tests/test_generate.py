@@ -280,3 +280,18 @@ def test_rtn4_session_runs(tiny_omni):
     r = m.session(seed=0).send("Hi", SamplingParams(max_new_tokens=5))
     assert r.new_tokens + (r.finish_reason == "stop") >= 1
     assert m.describe()["quant"] == "rtn4"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_greedy_matches_cpu_and_sampling_is_seeded(tiny_omni, model):
+    m = pipeline.load(tiny_omni, device="cuda", dtype="float32", max_context=256)
+    q = "What is the capital of France?"
+    # fp32 on both devices; random-weight logits are well separated, so greedy tokens agree exactly
+    assert m.session().send(q, GREEDY).ids == session(model).send(q, GREEDY).ids
+    p = SamplingParams(max_new_tokens=N)
+    assert m.session(seed=5).send(q, p).ids == m.session(seed=5).send(q, p).ids
+    s = m.session()
+    s.send(q, GREEDY)
+    r2 = s.send("And of Germany?", GREEDY)
+    assert r2.prefilled_tokens < r2.prompt_tokens
