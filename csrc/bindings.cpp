@@ -14,6 +14,8 @@
 #include "common/cuda_info.h"
 #include "common/oe.h"
 
+#include "attention/attention.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -109,6 +111,81 @@ PYBIND11_MODULE(_C, m) {
   // ---- q4 (csrc/q4) -------------------------------------------------------------------------------
 
   // ---- attention (csrc/attention) -----------------------------------------------------------------
+  // Addresses are tensor.data_ptr(); `lengths` 0 means none (prefill only). omni_edge/ops/attention.py
+  // validates shapes, dtypes and devices before calling; the kernels re-check sizes and (CPU) lengths.
+  m.def("attention_prefill_cpu",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t B, int64_t T, int64_t Hq, int64_t Hkv,
+           int64_t S, int64_t D, int64_t start, uintptr_t lengths, float scale, int dtype) {
+          check(oe_attention_prefill_cpu(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                         B, T, Hq, Hkv, S, D, start, ptr<const int32_t>(lengths), scale, dtype));
+        },
+        release_gil());
+  m.def("attention_prefill_ref",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t B, int64_t T, int64_t Hq, int64_t Hkv,
+           int64_t S, int64_t D, int64_t start, uintptr_t lengths, float scale, int dtype) {
+          check(oe_attention_prefill_ref(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                         B, T, Hq, Hkv, S, D, start, ptr<const int32_t>(lengths), scale, dtype));
+        },
+        release_gil());
+  m.def("attention_decode_cpu",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
+           int64_t D, uintptr_t lengths, float scale, int dtype, int64_t num_splits) {
+          check(oe_attention_decode_cpu(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                        B, Hq, Hkv, S, D, ptr<const int32_t>(lengths), scale, dtype, num_splits));
+        },
+        release_gil());
+  m.def("attention_decode_ref",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
+           int64_t D, uintptr_t lengths, float scale, int dtype) {
+          check(oe_attention_decode_ref(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                        B, Hq, Hkv, S, D, ptr<const int32_t>(lengths), scale, dtype));
+        },
+        release_gil());
+  m.def("attention_varlen_cpu",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t N, int64_t H, int64_t D, uintptr_t cu,
+           int64_t nseg, float scale, int dtype) {
+          check(oe_attention_varlen_cpu(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                        N, H, D, ptr<const int32_t>(cu), nseg, scale, dtype));
+        },
+        release_gil());
+  m.def("attention_varlen_ref",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t N, int64_t H, int64_t D, uintptr_t cu,
+           int64_t nseg, float scale, int dtype) {
+          check(oe_attention_varlen_ref(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                        N, H, D, ptr<const int32_t>(cu), nseg, scale, dtype));
+        },
+        release_gil());
+  m.def("attention_decode_cuda_plan",
+        [](int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int device, int64_t requested) {
+          int64_t splits = 0, bytes = 0;
+          check(oe_attention_decode_cuda_plan(B, Hq, Hkv, S, D, device, requested, &splits, &bytes));
+          return py::make_tuple(splits, bytes);
+        },
+        "(num_splits, workspace_bytes) for a CUDA decode call");
+  m.def("attention_decode_cuda",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
+           int64_t D, uintptr_t lengths, float scale, int dtype, int64_t num_splits, uintptr_t workspace,
+           int64_t workspace_bytes, uintptr_t stream) {
+          check(oe_attention_decode_cuda(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                         B, Hq, Hkv, S, D, ptr<const int32_t>(lengths), scale, dtype, num_splits,
+                                         ptr<void>(workspace), workspace_bytes, stream));
+        },
+        release_gil());
+  m.def("attention_prefill_cuda",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t B, int64_t T, int64_t Hq, int64_t Hkv,
+           int64_t S, int64_t D, int64_t start, uintptr_t lengths, float scale, int dtype, uintptr_t stream) {
+          check(oe_attention_prefill_cuda(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                          B, T, Hq, Hkv, S, D, start, ptr<const int32_t>(lengths), scale, dtype,
+                                          stream));
+        },
+        release_gil());
+  m.def("attention_varlen_cuda",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t N, int64_t H, int64_t D, uintptr_t cu,
+           int64_t nseg, int64_t max_seqlen, float scale, int dtype, uintptr_t stream) {
+          check(oe_attention_varlen_cuda(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                         N, H, D, ptr<const int32_t>(cu), nseg, max_seqlen, scale, dtype, stream));
+        },
+        release_gil());
 
   // ---- rvq (csrc/rvq) -----------------------------------------------------------------------------
 }
