@@ -69,10 +69,12 @@ void store_f32_row(const float* src, float m, oe_dtype dt, int n, void* dst) {
 
 // ---- argument checks shared by the fast path and the reference --------------------------------------
 
-oe_status check_common(const void* q, const void* k, const void* v, const void* out, int dtype, int64_t D) {
+// `empty`: the call has no query rows; its tensors may then be empty, with null data pointers.
+oe_status check_common(const void* q, const void* k, const void* v, const void* out, int dtype, int64_t D,
+                       bool empty) {
   OE_CHECK(dtype_valid(dtype), OE_ERR_INVALID_ARG, "attention: dtype code %d is not one of 0 (f32), 1 (f16), 2 (bf16)",
            dtype);
-  OE_CHECK(q && k && v && out, OE_ERR_INVALID_ARG, "attention: null tensor pointer");
+  OE_CHECK(empty || (q && k && v && out), OE_ERR_INVALID_ARG, "attention: null tensor pointer");
   OE_CHECK(D >= 1 && D <= OE_ATTN_MAX_HEAD_DIM, OE_ERR_INVALID_ARG,
            "attention: head_dim must be in [1, %d], got %lld", OE_ATTN_MAX_HEAD_DIM, static_cast<long long>(D));
   return OE_OK;
@@ -103,7 +105,7 @@ oe_status check_lengths(const int32_t* lengths, int64_t B, int64_t S, bool requi
 oe_status check_prefill(const void* q, const void* k, const void* v, const void* out, int64_t B, int64_t T,
                         int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int64_t start, const int32_t* lengths,
                         int dtype) {
-  oe_status st = check_common(q, k, v, out, dtype, D);
+  oe_status st = check_common(q, k, v, out, dtype, D, B == 0 || T == 0);
   if (st != OE_OK) return st;
   if ((st = check_cache(B, Hq, Hkv, S)) != OE_OK) return st;
   OE_CHECK(T >= 0, OE_ERR_INVALID_ARG, "attention_prefill: T must be >= 0, got %lld", static_cast<long long>(T));
@@ -115,15 +117,15 @@ oe_status check_prefill(const void* q, const void* k, const void* v, const void*
 
 oe_status check_decode(const void* q, const void* k, const void* v, const void* out, int64_t B, int64_t Hq,
                        int64_t Hkv, int64_t S, int64_t D, const int32_t* lengths, int dtype) {
-  oe_status st = check_common(q, k, v, out, dtype, D);
+  oe_status st = check_common(q, k, v, out, dtype, D, B == 0);
   if (st != OE_OK) return st;
   if ((st = check_cache(B, Hq, Hkv, S)) != OE_OK) return st;
-  return check_lengths(lengths, B, S, true);
+  return check_lengths(lengths, B, S, B > 0);
 }
 
 oe_status check_varlen(const void* q, const void* k, const void* v, const void* out, int64_t N, int64_t H,
                        int64_t D, const int32_t* cu, int64_t nseg, int dtype) {
-  oe_status st = check_common(q, k, v, out, dtype, D);
+  oe_status st = check_common(q, k, v, out, dtype, D, N == 0);
   if (st != OE_OK) return st;
   OE_CHECK(N >= 0 && N <= (int64_t{1} << 31) - 1, OE_ERR_INVALID_ARG, "attention_varlen: rows must be in [0, 2^31), got %lld",
            static_cast<long long>(N));
