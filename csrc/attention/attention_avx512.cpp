@@ -41,6 +41,14 @@ inline uint16_t f32_to_bf16_s(float f) {
 struct VecAvx512 {
   using reg = __m512;
   static constexpr int W = 16, MG = 4, DG = 4;
+  // bf16 pair dot products (AVX512_BF16, part of this build's AVX-512 level): see scores_row_bf16.
+  static constexpr bool kBf16Dot = true;
+  using breg = __m512i;
+  static breg load_bf16(const uint16_t* p, int n) {
+    if (n >= 32) return _mm512_loadu_si512(p);
+    return _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1u << n) - 1u), p);
+  }
+  static reg dot_bf16(reg acc, breg a, breg b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
   static reg zero() { return _mm512_setzero_ps(); }
   static reg set1(float x) { return _mm512_set1_ps(x); }
   static reg load(const float* p) { return _mm512_loadu_ps(p); }

@@ -50,7 +50,8 @@ inline int64_t scratch_floats(int D) {
          + kMaxTaskRows * kBlockKeys      // scores / probabilities
          + 3 * kMaxTaskRows               // running max, running sum, rescale factor
          + 2 * kBlockKeys * dp            // K tile, V tile
-         + 64;                            // slack for alignment
+         + kMaxTaskRows * dp / 2          // q as bf16 (AVX512_BF16 path)
+         + 64;                            // slack
 }
 
 // One kernel per instruction-set level; the scalar one is portable C++.
