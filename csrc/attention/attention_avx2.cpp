@@ -27,6 +27,7 @@ inline float bf16_to_f32_s(uint16_t h) {
 struct VecAvx2 {
   using reg = __m256;
   static constexpr int W = 8, MG = 2, DG = 4;
+  static constexpr int kRegs = 16;
   static constexpr bool kBf16Dot = false;
   static reg zero() { return _mm256_setzero_ps(); }
   static reg set1(float x) { return _mm256_set1_ps(x); }

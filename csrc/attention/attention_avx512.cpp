@@ -42,6 +42,7 @@ struct VecAvx512 {
   using reg = __m512;
   static constexpr int W = 16, MG = 4, DG = 4;
   // bf16 pair dot products (AVX512_BF16, part of this build's AVX-512 level): see scores_row_bf16.
+  static constexpr int kRegs = 32;
   static constexpr bool kBf16Dot = true;
   using breg = __m512i;
   static breg load_bf16(const uint16_t* p, int n) {

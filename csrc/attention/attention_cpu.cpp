@@ -22,6 +22,7 @@ namespace {
 struct VecScalar {
   using reg = float;
   static constexpr int W = 1, MG = 4, DG = 4;
+  static constexpr int kRegs = 16;
   static constexpr bool kBf16Dot = false;
   static reg zero() { return 0.0f; }
   static reg set1(float x) { return x; }

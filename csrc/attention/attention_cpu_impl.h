@@ -6,6 +6,8 @@
 //
 // The policy provides (reg = one vector of W floats):
 //   W, MG, DG                   lanes; query rows x vectors held in registers by the P.V tile
+//   kRegs                       vector registers (sizes the register-resident q in scores_row)
+//   kBf16Dot                    whether breg / load_bf16 / dot_bf16 exist (bf16 pair dot products)
 //   zero, set1, load, store, fmadd(a, b, c) = a * b + c, mul, sub
 //   exp(x)                      e^x for x <= 0 (x = -inf gives 0), ~1 ulp
 //   keep_first(x, n)            lanes >= n set to 0
@@ -26,7 +28,7 @@ template <class V, int DPC>
 inline void scores_row(const float* qv, const float* kt, int nk, int dp_rt, float* s) {
   using reg = typename V::reg;
   constexpr int W = V::W;
-  if constexpr (DPC != 0 && DPC / W + W <= 28) {
+  if constexpr (DPC != 0 && DPC / W + W + 2 <= V::kRegs) {
     constexpr int NQ = DPC / W;
     reg q[NQ];
 #pragma GCC unroll 16
