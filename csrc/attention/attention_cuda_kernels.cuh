@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) tiled_kernel(TiledParams p) {
   const int row = threadIdx.x >> 2, lane4 = threadIdx.x & 3;
 
   // Rows and keys of this sequence / segment.
-  int64_t row0 = 0, n_rows, klimit;
+  int64_t n_rows, klimit;
   const T* qb;
   const T* kb;
   const T* vb;
@@ -78,7 +78,6 @@ __global__ void __launch_bounds__(kThreads) tiled_kernel(TiledParams p) {
   if (p.cu) {
     const int64_t a = p.cu[seq], e = p.cu[seq + 1];
     if (a < 0 || e < a || e > p.n_rows) return;  // malformed offsets: nothing is read or written
-    row0 = a;
     n_rows = e - a;
     klimit = n_rows;
     qb = static_cast<const T*>(p.q) + a * p.q_row_stride + static_cast<int64_t>(head) * D;
@@ -94,7 +93,6 @@ __global__ void __launch_bounds__(kThreads) tiled_kernel(TiledParams p) {
     kb = static_cast<const T*>(p.k) + seq * p.kv_seq_stride + static_cast<int64_t>(kvh) * p.kv_head_stride;
     vb = static_cast<const T*>(p.v) + seq * p.kv_seq_stride + static_cast<int64_t>(kvh) * p.kv_head_stride;
   }
-  (void)row0;
   const int64_t r_first = static_cast<int64_t>(blockIdx.x) * BQ;
   if (r_first >= n_rows) return;  // uniform across the block
   const int64_t r = r_first + row;
