@@ -14,6 +14,9 @@
 #include "common/cuda_info.h"
 #include "common/oe.h"
 
+#include "attention/attention.h"
+#include "rvq/rvq.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -109,6 +112,156 @@ PYBIND11_MODULE(_C, m) {
   // ---- q4 (csrc/q4) -------------------------------------------------------------------------------
 
   // ---- attention (csrc/attention) -----------------------------------------------------------------
+  // Addresses are tensor.data_ptr(); `lengths` 0 means none (prefill only). omni_edge/ops/attention.py
+  // validates shapes, dtypes and devices before calling; the kernels re-check sizes and (CPU) lengths.
+  m.def("attention_prefill_cpu",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t B, int64_t T, int64_t Hq, int64_t Hkv,
+           int64_t S, int64_t D, int64_t start, uintptr_t lengths, float scale, int dtype) {
+          check(oe_attention_prefill_cpu(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                         B, T, Hq, Hkv, S, D, start, ptr<const int32_t>(lengths), scale, dtype));
+        },
+        release_gil());
+  m.def("attention_prefill_ref",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t B, int64_t T, int64_t Hq, int64_t Hkv,
+           int64_t S, int64_t D, int64_t start, uintptr_t lengths, float scale, int dtype) {
+          check(oe_attention_prefill_ref(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                         B, T, Hq, Hkv, S, D, start, ptr<const int32_t>(lengths), scale, dtype));
+        },
+        release_gil());
+  m.def("attention_decode_cpu",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
+           int64_t D, uintptr_t lengths, float scale, int dtype, int64_t num_splits) {
+          check(oe_attention_decode_cpu(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                        B, Hq, Hkv, S, D, ptr<const int32_t>(lengths), scale, dtype, num_splits));
+        },
+        release_gil());
+  m.def("attention_decode_ref",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
+           int64_t D, uintptr_t lengths, float scale, int dtype) {
+          check(oe_attention_decode_ref(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                        B, Hq, Hkv, S, D, ptr<const int32_t>(lengths), scale, dtype));
+        },
+        release_gil());
+  m.def("attention_varlen_cpu",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t N, int64_t H, int64_t D, uintptr_t cu,
+           int64_t nseg, float scale, int dtype) {
+          check(oe_attention_varlen_cpu(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                        N, H, D, ptr<const int32_t>(cu), nseg, scale, dtype));
+        },
+        release_gil());
+  m.def("attention_varlen_ref",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t N, int64_t H, int64_t D, uintptr_t cu,
+           int64_t nseg, float scale, int dtype) {
+          check(oe_attention_varlen_ref(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                        N, H, D, ptr<const int32_t>(cu), nseg, scale, dtype));
+        },
+        release_gil());
+  m.def("attention_decode_cuda_plan",
+        [](int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int device, int64_t requested) {
+          int64_t splits = 0, bytes = 0;
+          check(oe_attention_decode_cuda_plan(B, Hq, Hkv, S, D, device, requested, &splits, &bytes));
+          return py::make_tuple(splits, bytes);
+        },
+        "(num_splits, workspace_bytes) for a CUDA decode call");
+  m.def("attention_decode_cuda",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t B, int64_t Hq, int64_t Hkv, int64_t S,
+           int64_t D, uintptr_t lengths, float scale, int dtype, int64_t num_splits, uintptr_t workspace,
+           int64_t workspace_bytes, uintptr_t stream) {
+          check(oe_attention_decode_cuda(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                         B, Hq, Hkv, S, D, ptr<const int32_t>(lengths), scale, dtype, num_splits,
+                                         ptr<void>(workspace), workspace_bytes, stream));
+        },
+        release_gil());
+  m.def("attention_prefill_cuda",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t B, int64_t T, int64_t Hq, int64_t Hkv,
+           int64_t S, int64_t D, int64_t start, uintptr_t lengths, float scale, int dtype, uintptr_t stream) {
+          check(oe_attention_prefill_cuda(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                          B, T, Hq, Hkv, S, D, start, ptr<const int32_t>(lengths), scale, dtype,
+                                          stream));
+        },
+        release_gil());
+  m.def("attention_varlen_cuda",
+        [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t N, int64_t H, int64_t D, uintptr_t cu,
+           int64_t nseg, int64_t max_seqlen, float scale, int dtype, uintptr_t stream) {
+          check(oe_attention_varlen_cuda(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+                                         N, H, D, ptr<const int32_t>(cu), nseg, max_seqlen, scale, dtype, stream));
+        },
+        release_gil());
 
   // ---- rvq (csrc/rvq) -----------------------------------------------------------------------------
+  // Codebooks arrive as per-layer lists (data_ptr, rows) plus dim and dtype code; omni_edge/ops/rvq.py
+  // validates them. The kernels check every code before reading any row (CPU: ValueError).
+  using ptr_list = std::vector<uintptr_t>;
+  using size_list = std::vector<int64_t>;
+  // The codebook table from per-layer lists (data pointers, row counts, optional squared-norm pointers).
+  static const auto rvq_books = [](const std::vector<uintptr_t>& data, const std::vector<int64_t>& sizes,
+                                   int64_t dim, int dtype, const std::vector<uintptr_t>& norms2) {
+    if (data.empty() || data.size() > OE_RVQ_MAX_LAYERS || sizes.size() != data.size() ||
+        (!norms2.empty() && norms2.size() != data.size()))
+      throw py::value_error("rvq: expected 1.." + std::to_string(OE_RVQ_MAX_LAYERS) +
+                            " codebooks with one size (and optionally one norms pointer) each; got " +
+                            std::to_string(data.size()) + " pointers, " + std::to_string(sizes.size()) + " sizes, " +
+                            std::to_string(norms2.size()) + " norms");
+    oe_rvq_books b{};
+    b.num_layers = static_cast<int32_t>(data.size());
+    b.dtype = dtype;
+    b.dim = dim;
+    for (size_t l = 0; l < data.size(); ++l) {
+      b.data[l] = reinterpret_cast<const void*>(data[l]);
+      b.sizes[l] = sizes[l];
+      b.norms2[l] = norms2.empty() ? nullptr : reinterpret_cast<const float*>(norms2[l]);
+    }
+    return b;
+  };
+  m.def("rvq_decode_cpu",
+        [](uintptr_t codes, bool codes_int64, int64_t T, const ptr_list& data, const size_list& sizes, int64_t dim,
+           int dtype, uintptr_t out) {
+          const oe_rvq_books b = rvq_books(data, sizes, dim, dtype, {});
+          check(oe_rvq_decode_cpu(ptr<const void>(codes), codes_int64, T, &b, ptr<float>(out)));
+        },
+        release_gil());
+  m.def("rvq_decode_ref",
+        [](uintptr_t codes, bool codes_int64, int64_t T, const ptr_list& data, const size_list& sizes, int64_t dim,
+           int dtype, uintptr_t out) {
+          const oe_rvq_books b = rvq_books(data, sizes, dim, dtype, {});
+          check(oe_rvq_decode_ref(ptr<const void>(codes), codes_int64, T, &b, ptr<float>(out)));
+        },
+        release_gil());
+  m.def("rvq_encode_cpu",
+        [](uintptr_t x, int64_t T, const ptr_list& data, const size_list& sizes, int64_t dim, int dtype,
+           const ptr_list& norms2, uintptr_t codes) {
+          const oe_rvq_books b = rvq_books(data, sizes, dim, dtype, norms2);
+          check(oe_rvq_encode_cpu(ptr<const float>(x), T, &b, ptr<int64_t>(codes)));
+        },
+        release_gil());
+  m.def("rvq_encode_ref",
+        [](uintptr_t x, int64_t T, const ptr_list& data, const size_list& sizes, int64_t dim, int dtype,
+           uintptr_t codes) {
+          const oe_rvq_books b = rvq_books(data, sizes, dim, dtype, {});
+          check(oe_rvq_encode_ref(ptr<const float>(x), T, &b, ptr<int64_t>(codes)));
+        },
+        release_gil());
+  m.def("rvq_decode_cuda",
+        [](uintptr_t codes, bool codes_int64, int64_t T, const ptr_list& data, const size_list& sizes, int64_t dim,
+           int dtype, uintptr_t out, uintptr_t error_flag, uintptr_t stream) {
+          const oe_rvq_books b = rvq_books(data, sizes, dim, dtype, {});
+          check(oe_rvq_decode_cuda(ptr<const void>(codes), codes_int64, T, &b, ptr<float>(out),
+                                   ptr<int32_t>(error_flag), stream));
+        },
+        release_gil());
+  m.def("rvq_encode_cuda_workspace",
+        [](int64_t T, const ptr_list& data, const size_list& sizes, int64_t dim, int dtype) {
+          const oe_rvq_books b = rvq_books(data, sizes, dim, dtype, {});
+          int64_t bytes = 0;
+          check(oe_rvq_encode_cuda_workspace(T, &b, &bytes));
+          return bytes;
+        });
+  m.def("rvq_encode_cuda",
+        [](uintptr_t x, int64_t T, const ptr_list& data, const size_list& sizes, int64_t dim, int dtype,
+           const ptr_list& norms2, uintptr_t codes, uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream) {
+          const oe_rvq_books b = rvq_books(data, sizes, dim, dtype, norms2);
+          check(oe_rvq_encode_cuda(ptr<const float>(x), T, &b, ptr<int64_t>(codes), ptr<void>(workspace),
+                                   workspace_bytes, stream));
+        },
+        release_gil());
 }
