@@ -21,10 +21,8 @@ GPTQ checkpoint that transformers + GPTQModel read. A Baichuan-Omni source gives
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -275,7 +273,7 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
 
             result = run_sequential(ckpt, spec, method=opts.method, calibration=calib.samples, heldout=heldout,
                                     device=opts.device, checkpoint_format=opts.format, on_layer=on_layer,
-                                    progress=opts.progress, log=log)
+                                    progress=opts.progress)
             for w in writers.values():
                 w.close()
         except BaseException:

@@ -137,7 +137,7 @@ def _nll(hidden: torch.Tensor, ids: torch.Tensor, norm: torch.Tensor, lm_head: t
 def run_sequential(ckpt: Checkpoint, spec: QuantSpec, *, method: str, calibration: Sequence[Sequence[int]],
                    heldout: Sequence[Sequence[int]] = (), device="cpu", checkpoint_format: str = "gptq",
                    on_layer: Optional[Callable[[int, Dict[str, torch.Tensor]], None]] = None,
-                   progress: bool = True, log: Callable[[str], None] = print) -> PassResult:
+                   progress: bool = True) -> PassResult:
     """Quantize every decoder layer of `ckpt` in order (see the module docstring). `on_layer(i, tensors)`
     receives each layer's output tensors (GPTQ parts of every linear, fp16 norms), named as in the source."""
     from tqdm import tqdm

@@ -139,6 +139,29 @@ def test_asym_v1_on_request(qwen2_src, tmp_path):
     assert runtime_perplexity(model.backbone, held) == pytest.approx(m["report"]["perplexity"]["quantized"], rel=1e-4)
 
 
+def test_one_decoder_layer_in_memory_at_a_time(qwen2_src, tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from omni_edge.backbone import DecoderLayer
+    from omni_edge.quantize import sequential
+
+    alive = weakref.WeakSet()
+    real = DecoderLayer.from_checkpoint.__func__
+    peak = []
+
+    def tracking(cls, *args, **kw):
+        gc.collect()
+        peak.append(len(alive))  # layers still alive when the next one is loaded
+        layer = real(cls, *args, **kw)
+        alive.add(layer)
+        return layer
+
+    monkeypatch.setattr(sequential.DecoderLayer, "from_checkpoint", classmethod(tracking))
+    quantize_checkpoint(qwen2_src, tmp_path / "b", QuantizeOptions(group_size=32, **FAST), log=quiet)
+    assert len(peak) == 2 and max(peak) == 0
+
+
 def test_deterministic_for_a_seed(qwen2_src, qwen2_bundle, tmp_path):
     out, manifest = qwen2_bundle
     again = quantize_checkpoint(qwen2_src, tmp_path / "again",

