@@ -98,17 +98,25 @@ class TextModel:
             "kv_heads": b.num_key_value_heads, "head_dim": b.head_dim, "intermediate": b.intermediate_size,
             "vocab": b.vocab_size, "device": str(self.device), "dtype": str(getattr(self.backbone, "dtype", "?")),
             "quant": self.quant_label, "max_context": self.max_context, "prompt_format": self.prompt.name,
-            **kernel_report(self.device),
+            **kernel_report(self.device, uses_q4=self._uses_q4()),
         }
 
+    def _uses_q4(self) -> bool:
+        return any(getattr(lin, "quantized", False) for layer in getattr(self.backbone, "layers", ())
+                   for lin in getattr(layer, "linears", {}).values())
 
-def kernel_report(device) -> Dict[str, object]:
+
+def kernel_report(device, *, uses_q4: bool = True) -> Dict[str, object]:
     """For each kernel family the backbone uses: "native" when omni_edge's own kernel runs on `device`,
-    "torch" when its torch reference does; plus the CPU instruction-set level the native kernels use."""
+    "torch" when its torch reference does ("unused" for q4 when every linear is dense); plus the CPU
+    instruction-set level the native kernels use."""
     from omni_edge.ops import _dispatch
 
     kernels = {}
     for fam in ("q4", "attention"):
+        if fam == "q4" and not uses_q4:
+            kernels[fam] = "unused (dense weights)"
+            continue
         module = importlib.import_module(f"omni_edge.ops.{fam}")
         # a family is native-capable once its module defines self_check (the contract of omni_edge.ops)
         native = hasattr(module, "self_check") and _dispatch.native_enabled(fam, device)

@@ -304,6 +304,7 @@ def test_demo_runs():
     out = r.stdout
     assert "RANDOM weights" in out and "gibberish" in out
     assert "[quant none]" in out and "[quant rtn4]" in out
-    assert re.search(r"kernels: q4 (native|torch), attention (native|torch)", out)
+    assert re.search(r"\[quant none\] kernels: q4 unused \(dense weights\), attention (native|torch)", out)
+    assert re.search(r"\[quant rtn4\] kernels: q4 (native|torch), attention (native|torch)", out)
     assert re.search(r"CPU kernel level (avx512|avx2|neon|scalar)", out)
     assert len(re.findall(r"decode \d+ steps at [\d.]+ tok/s", out)) == 2
