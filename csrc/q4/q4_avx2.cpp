@@ -15,7 +15,6 @@ namespace oe {
 namespace q4 {
 namespace {
 
-constexpr int kPrefetchBytes = 2048;
 
 inline __m256i bcast4(const int8_t* p) {
   int32_t v;
@@ -51,8 +50,6 @@ void tile_int8(const oe_q4_weight& w, int64_t t, const Prep& p, int64_t m0, floa
     }
     do {
       const char* cb = c + b * (kOctetsPerBlock * kTileOctetBytes);
-      _mm_prefetch(cb + kPrefetchBytes, _MM_HINT_T0);
-      _mm_prefetch(cb + kPrefetchBytes + 128, _MM_HINT_T0);
       __m256i s16[MR][2];
       for (int m = 0; m < MR; ++m) s16[m][0] = s16[m][1] = _mm256_setzero_si256();
 #pragma GCC unroll 4
@@ -111,8 +108,6 @@ void tile_exact(const oe_q4_weight& w, int64_t t, const Prep& p, int64_t m0, flo
       for (int a = 0; a < NA; ++a) acc[m][0][a] = acc[m][1][a] = _mm256_setzero_ps();
     do {
       const char* cb = c + b * (kOctetsPerBlock * kTileOctetBytes);
-      _mm_prefetch(cb + kPrefetchBytes, _MM_HINT_T0);
-      _mm_prefetch(cb + kPrefetchBytes + 128, _MM_HINT_T0);
       for (int o = 0; o < kOctetsPerBlock; ++o) {
         const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cb + o * kTileOctetBytes));
         const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cb + o * kTileOctetBytes + 32));

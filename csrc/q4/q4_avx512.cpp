@@ -12,6 +12,12 @@
 //   Per group segment: y += s * acc. Several accumulators per row hide the FMA latency.
 #include <immintrin.h>
 
+// GCC 12 reports -Wmaybe-uninitialized inside its own AVX-512 intrinsic headers (the _mm512_undefined_*
+// placeholders of masked conversions and reductions); the values are fully defined.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #include <cstring>
 
 #include "q4/q4.h"
@@ -20,7 +26,6 @@ namespace oe {
 namespace q4 {
 namespace {
 
-constexpr int kPrefetchBytes = 2048;  // software prefetch distance into the code stream
 
 inline __m512i bcast4(const int8_t* p) {
   int32_t v;
@@ -30,6 +35,7 @@ inline __m512i bcast4(const int8_t* p) {
 
 template <int MR>
 void tile_int8(const oe_q4_weight& w, int64_t t, const Prep& p, int64_t m0, float* out) {
+  constexpr int NI = MR == 1 ? 4 : 2;
   const int64_t octets = w.Kp / kOctet, nb = w.Kp / kBlockK;
   const char* c = reinterpret_cast<const char*>(w.codes + t * octets * kTileN);
   const uint16_t* sc = w.scales + t * w.G * kTileN;
@@ -56,10 +62,11 @@ void tile_int8(const oe_q4_weight& w, int64_t t, const Prep& p, int64_t m0, floa
     }
     do {
       const char* cb = c + b * (kOctetsPerBlock * kTileOctetBytes);
-      _mm_prefetch(cb + kPrefetchBytes, _MM_HINT_T0);
-      _mm_prefetch(cb + kPrefetchBytes + 128, _MM_HINT_T0);
-      __m512i is[MR];
-      for (int m = 0; m < MR; ++m) is[m] = _mm512_setzero_si512();
+      // NI independent int32 accumulators per row: vpdpbusd's latency, not its throughput, would bound a
+      // single dependency chain.
+      __m512i is[MR][NI];
+      for (int m = 0; m < MR; ++m)
+        for (int i = 0; i < NI; ++i) is[m][i] = _mm512_setzero_si512();
 #pragma GCC unroll 4
       for (int o = 0; o < kOctetsPerBlock; ++o) {
         const __m512i v = _mm512_loadu_si512(cb + o * kTileOctetBytes);
@@ -67,12 +74,14 @@ void tile_int8(const oe_q4_weight& w, int64_t t, const Prep& p, int64_t m0, floa
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
         for (int m = 0; m < MR; ++m) {
           const int8_t* xo = xq[m] + b * kBlockK + o * kOctet;
-          is[m] = _mm512_dpbusd_epi32(is[m], lo, bcast4(xo));
-          is[m] = _mm512_dpbusd_epi32(is[m], hi, bcast4(xo + 4));
+          is[m][(2 * o) % NI] = _mm512_dpbusd_epi32(is[m][(2 * o) % NI], lo, bcast4(xo));
+          is[m][(2 * o + 1) % NI] = _mm512_dpbusd_epi32(is[m][(2 * o + 1) % NI], hi, bcast4(xo + 4));
         }
       }
       for (int m = 0; m < MR; ++m) {
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[m]), _mm512_set1_ps(xd[m][b]), acc[m]);
+        __m512i isum = _mm512_add_epi32(is[m][0], is[m][1]);
+        if (NI == 4) isum = _mm512_add_epi32(isum, _mm512_add_epi32(is[m][2 % NI], is[m][3 % NI]));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(xd[m][b]), acc[m]);
         zsum[m] += xds[m][b];
       }
       ++b;
@@ -108,8 +117,6 @@ void tile_exact(const oe_q4_weight& w, int64_t t, const Prep& p, int64_t m0, flo
       for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
     do {
       const char* cb = c + b * (kOctetsPerBlock * kTileOctetBytes);
-      _mm_prefetch(cb + kPrefetchBytes, _MM_HINT_T0);
-      _mm_prefetch(cb + kPrefetchBytes + 128, _MM_HINT_T0);
       for (int o = 0; o < kOctetsPerBlock; ++o) {
         const __m512i v = _mm512_loadu_si512(cb + o * kTileOctetBytes);
         const int64_t r0 = (b * kOctetsPerBlock + o) * kOctet;

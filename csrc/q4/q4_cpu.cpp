@@ -200,6 +200,8 @@ const TileKernels* pick_kernels() {
 
 inline size_t align64(size_t n) { return (n + 63) & ~size_t(63); }
 
+constexpr int64_t kSerialPrepRows = 32768;  // M * Kp up to which the calling thread prepares x alone
+
 }  // namespace
 
 const TileKernels* kernels_scalar() { return &kScalar; }
@@ -269,33 +271,48 @@ extern "C" oe_status oe_q4_matmul_cpu(const oe_q4_weight* w, const void* x, int 
   const oe_q4_weight& W = *w;
   int bad_perm = 0;
   const TileFn* fns = mode == OE_Q4_INT8 ? kern->int8 : kern->exact;
+  const int64_t tile_chunk = std::max<int64_t>(1, nt / (8 * static_cast<int64_t>(num_threads())));
+
+  // Preparing one (row, block) pair: gather, convert, and in INT8 mode quantize. Returns false on a bad perm.
+  auto prep = [&](int64_t i) {
+    const int64_t m = i / nb, b = i % nb;
+    if (mode == OE_Q4_INT8) {
+      alignas(64) float tmp[kBlockK];
+      const bool ok = gather(W, x, dt, m, b * kBlockK, kBlockK, tmp);
+      kern->quantize(tmp, 1, xq + m * Kp + b * kBlockK, xd + m * nb + b, xds + m * nb + b);
+      return ok;
+    }
+    return gather(W, x, dt, m, b * kBlockK, kBlockK, xf + m * Kp + b * kBlockK);
+  };
+  // Small activations (decode) are prepared by the calling thread: a few microseconds, and no barrier inside
+  // the parallel region, where a thread descheduled by other work on a shared machine would stall everyone.
+  const bool serial_prep = M * Kp <= kSerialPrepRows;
+  if (serial_prep) {
+    for (int64_t i = 0; i < M * nb; ++i) bad_perm |= !prep(i);
+    OE_CHECK(!bad_perm, OE_ERR_OUT_OF_RANGE, "q4: perm holds an entry outside [-1, K=%lld)", (long long)w->K);
+  }
 
 #pragma omp parallel
   {
-    // 1. activations, once per call
+    // 1. activations, once per call (prefill sizes: threads split the (row, block) pairs)
+    if (!serial_prep) {
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < M * nb; ++i) {
-      const int64_t m = i / nb, b = i % nb;
-      bool ok;
-      if (mode == OE_Q4_INT8) {
-        alignas(64) float tmp[kBlockK];
-        ok = gather(W, x, dt, m, b * kBlockK, kBlockK, tmp);
-        kern->quantize(tmp, 1, xq + m * Kp + b * kBlockK, xd + m * nb + b, xds + m * nb + b);
-      } else {
-        ok = gather(W, x, dt, m, b * kBlockK, kBlockK, xf + m * Kp + b * kBlockK);
-      }
-      if (!ok) {
+      for (int64_t i = 0; i < M * nb; ++i) {
+        if (!prep(i)) {
 #pragma omp atomic write
-        bad_perm = 1;
+          bad_perm = 1;
+        }
       }
+      // (implicit barrier)
     }
-    // (implicit barrier)
     int bad;
 #pragma omp atomic read
     bad = bad_perm;
     if (!bad) {
-      // 2. column tiles
-#pragma omp for schedule(static)
+      // 2. column tiles, in contiguous chunks of about 1/8 of a thread's share: each chunk streams one
+      // region of the codes, and a thread slowed by other work on its core hands its remaining chunks over
+      // instead of holding everyone at the final barrier.
+#pragma omp for schedule(dynamic, tile_chunk)
       for (int64_t t = 0; t < nt; ++t) {
         alignas(64) float out[kMaxMR * kTileN];
         for (int64_t m0 = 0; m0 < M; m0 += kMaxMR) {
