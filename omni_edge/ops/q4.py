@@ -24,12 +24,15 @@ Which CPU path `matmul` takes (csrc/q4/q4.h states each path's contract):
   integer dot products (AVX-512 VNNI). Error bound per output: sum_k |W[k, n]| * d_block(k) / 2.
 - EXACT: fp32 activations times the exactly dequantized weights, fp32 accumulation (matches the fp32
   matmul of `dequantize()` to ~1e-6 relative). Select it with the environment variable
-  OMNI_EDGE_Q4_EXACT=1 (read at import), `set_exact(True)`, or per call with `matmul(..., exact=True)`.
+  OMNI_EDGE_Q4_EXACT=1 (read at import), `set_exact(True)`, `with exact_mode():`, or per call with
+  `matmul(..., exact=True)`. Parity tests that compare a 4-bit model with its dequantized dense twin to
+  ~1e-5 need the EXACT path; the INT8 path is within the bound above.
 CUDA kernels always compute the EXACT contract (fp32 accumulation); the setting does not apply there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -60,6 +63,17 @@ def set_exact(flag: bool) -> None:
 
 def exact_default() -> bool:
     return _exact_default
+
+
+@contextlib.contextmanager
+def exact_mode(flag: bool = True):
+    """`with q4.exact_mode():` runs the enclosed CPU matmuls on the EXACT path (process-wide setting)."""
+    prev = _exact_default
+    set_exact(flag)
+    try:
+        yield
+    finally:
+        set_exact(prev)
 
 
 # ------------------------------------------------------------------------------------------------
