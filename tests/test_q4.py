@@ -132,6 +132,12 @@ def test_tiled_word_layout_by_formula():
     # per-group values are tile-major, zero-padded columns
     assert torch.equal(p["scales"][1, :, :8], scales[:, 16:24]) and torch.equal(p["zeros"][2, :, 8:], torch.zeros(2, 8, dtype=torch.uint8))
     assert p["perm"].tolist() == list(range(64)) and p["block_group"].tolist() == [0, 1]
+    # the worked example of FORMAT.md: codes 1..8 in rows 0..7 of column 0
+    q1 = torch.zeros(32, 8, dtype=torch.uint8)
+    q1[:8, 0] = torch.arange(1, 9, dtype=torch.uint8)
+    z1, s1, g1 = torch.zeros(1, 8, dtype=torch.uint8), torch.ones(1, 8).half(), torch.zeros(32, dtype=torch.int32)
+    assert int(q4.pack_gptq(q1, z1, checkpoint_format="gptq_v2")[0][0, 0]) & 0xFFFFFFFF == 0x87654321
+    assert int(q4.pack_tiled(q1, z1, s1, g1)["codes"][0, 0, 0]) & 0xFFFFFFFF == 0x84736251
 
 
 @pytest.mark.parametrize("case", ["plain", "act_order", "per_channel_padded", "uneven_groups"])
