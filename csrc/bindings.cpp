@@ -137,6 +137,13 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_gemv_max_m"] = oe::q4::kCudaGemvMaxM;
     return d;
   }, "Constants of the q4 tiled weight layout (quantize/FORMAT.md)");
+  m.def("q4_repack_gptq_cpu",
+        [](uintptr_t qweight, int64_t K, int64_t N, uintptr_t perm, int64_t Kp, uintptr_t codes) {
+          check(oe_q4_repack_gptq_cpu(ptr<const int32_t>(qweight), K, N, ptr<const int32_t>(perm), Kp,
+                                      ptr<int32_t>(codes)));
+        },
+        py::arg("qweight"), py::arg("K"), py::arg("N"), py::arg("perm"), py::arg("Kp"), py::arg("codes"),
+        release_gil(), "GPTQ qweight (K/8, N) -> tiled codes (ceil(N/16), Kp/8, 16), rows reordered by perm");
   m.def("q4_cpu_workspace_bytes", &oe_q4_cpu_workspace_bytes, py::arg("M"), py::arg("Kp"), py::arg("mode"));
   m.def("q4_cuda_workspace_bytes", &oe_q4_cuda_workspace_bytes, py::arg("M"), py::arg("Kp"));
   m.def("q4_matmul_cpu",

@@ -157,6 +157,21 @@ def test_tiled_pack_unpack_bit_exact_both_ways(case):
         assert torch.equal(again[key], p[key]), key
 
 
+@pytest.mark.parametrize("k,n,gs,act", [(64, 24, 32, False), (256, 40, 64, True), (200, 16, 200, False),
+                                        (264, 8, 32, True)])
+def test_load_time_repack_native_equals_torch_spec(k, n, gs, act):
+    """from_gptq's repack (native C++ on CPU, torch nibble shuffle or gather elsewhere) is the spec, bit for bit."""
+    gen = torch.Generator().manual_seed(25)
+    qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32)
+    g = ((torch.randperm(k, generator=gen) if act else torch.arange(k)) // gs).to(torch.int32)
+    perm, _ = q4.fold_groups(g, -(-k // gs))
+    spec = q4._tile_codes(lambda n0, n1: q4.unpack_gptq(qw[:, n0:n1], torch.zeros(1, 1, dtype=torch.int32))[0],
+                          k, n, perm)
+    assert torch.equal(q4._repack_gptq(qw, k, n, perm), spec)
+    if perm.numel() == k and not act:
+        assert torch.equal(q4._tile_gptq_words(qw), spec)
+
+
 def test_act_order_folding():
     _, _, _, g_idx, _ = make_codes(256, 8, 32, act_order=True, seed=4)
     perm, block_group = q4.fold_groups(g_idx, 8)

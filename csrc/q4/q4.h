@@ -86,6 +86,11 @@ oe_status oe_q4_matmul_cpu(const oe_q4_weight* w, const void* x, int dt, int64_t
 // each mode: EXACT is sum_k x_k * W[k, n]; INT8 is the same sum over the quantized activations.
 oe_status oe_q4_matmul_ref_cpu(const oe_q4_weight* w, const void* x, int dt, int64_t M, void* y, int mode);
 
+// Load-time repack on the CPU: GPTQ qweight (K/8, N) int32 -> tiled codes (ceil(N/16), Kp/8, 16) int32,
+// rows reordered by perm (NULL: identity with zero padding rows after K). Bit-identical to the torch spec.
+oe_status oe_q4_repack_gptq_cpu(const int32_t* qweight, int64_t K, int64_t N, const int32_t* perm, int64_t Kp,
+                                int32_t* codes);
+
 // CUDA: pointers on one device, work enqueued on `stream` (a cudaStream_t as an integer). `kernel` 0 picks
 // GEMV for M <= 8 and the tiled GEMM otherwise; 1 forces GEMV (M <= 8 only), 2 forces GEMM (tests use it).
 // Workspace: device memory of at least oe_q4_cuda_workspace_bytes(M, Kp) bytes, 16-byte aligned.
