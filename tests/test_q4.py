@@ -470,3 +470,26 @@ def test_cuda_dispatch_self_check_and_round_trip():
     wg = q4.QWeight.from_gptq(qw.to(dev), qz.to(dev), make_codes(256, 16, 64, sym=False, seed=24)[2].to(dev), None,
                               group_size=64, sym=False)
     assert wg.codes.device.type == "cuda"
+
+
+# ------------------------------------------------------------------------------------------------
+# NEON (AArch64): cross-compiled and run under qemu when the tools are installed
+# ------------------------------------------------------------------------------------------------
+
+def test_neon_kernels_under_qemu(tmp_path):
+    """The NEON file cannot run natively on x86; build it with the kernel sources for AArch64 and run
+    tests/q4_neon_check.cpp (NEON vs scalar vs reference, both modes, tolerance 1e-6 of sum |x| max|w|)."""
+    import shutil
+    from pathlib import Path
+    cxx, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+    root = Path(__file__).resolve().parents[1]
+    if not (cxx and qemu and (root / "csrc" / "q4" / "q4_neon.cpp").exists()):
+        pytest.skip("needs aarch64-linux-gnu-g++, qemu-aarch64 and a source checkout")
+    src = [root / "csrc" / p for p in ("common/cpu_features.cpp", "common/oe.cpp", "q4/q4_cpu.cpp", "q4/q4_ref.cpp",
+                                       "q4/q4_neon.cpp", "q4/q4_repack.cpp")]
+    exe = tmp_path / "q4_neon_check"
+    subprocess.run([cxx, "-std=c++17", "-O2", "-static", "-fopenmp", "-DOE_ARCH_ARM64=1", "-DOE_WITH_OPENMP=1",
+                    f"-I{root / 'csrc'}", *map(str, src), str(root / "tests" / "q4_neon_check.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=300)
+    out = subprocess.run([qemu, str(exe)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "all ok" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
