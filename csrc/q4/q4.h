@@ -125,6 +125,11 @@ struct Prep {
 // Computes the fp32 outputs (without bias) of rows m0 .. m0+MR-1 of column tile t into out[MR][16].
 using TileFn = void (*)(const oe_q4_weight& w, int64_t t, const Prep& p, int64_t m0, float* out);
 
+// Runs fn(ctx, c) for c in [0, chunks) on the calling thread plus up to num_threads() - 1 pool workers and
+// returns when every chunk is done, waiting only for chunks a thread has started (csrc/q4/q4_threads.cpp).
+using ChunkFn = void (*)(void* ctx, int64_t chunk);
+void parallel_chunks(int64_t chunks, ChunkFn fn, void* ctx);
+
 // Per-ISA tile kernels, index [MR - 1] for MR = 1..kMaxMR. nullptr tables where the ISA is not compiled.
 constexpr int kMaxMR = 4;
 struct TileKernels {

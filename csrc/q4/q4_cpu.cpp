@@ -1,13 +1,17 @@
-// q4 on the CPU: argument checks, the per-call activation preparation, the OpenMP driver over column
+// q4 on the CPU: argument checks, the per-call activation preparation, the parallel driver over column
 // tiles, the output epilogue, and the portable scalar tile kernels (the Isa::Scalar level).
 //
-// One call does, inside one OpenMP parallel region:
-//   1. prepare the activations once: gather x rows through perm (act-order), convert to fp32, zero the
-//      padding rows; in INT8 mode quantize each 32-row block to int8 (threads split the (row, block) pairs);
-//   2. for each column tile (threads split the tiles, contiguous ranges, so each thread streams one region
-//      of the codes), for each chunk of up to kMaxMR rows: the ISA's tile kernel, then bias + dtype store.
-// Nothing is allocated: the caller owns the workspace (oe_q4_cpu_workspace_bytes).
+// One call:
+//   1. prepares the activations once: gathers x rows through perm (act-order), converts to fp32, zeroes the
+//      padding rows; in INT8 mode quantizes each 32-row block to int8 (decode sizes on the calling thread,
+//      prefill sizes split over the pool);
+//   2. for each column tile (contiguous chunks of tiles claimed by the calling thread and the pool workers,
+//      csrc/q4/q4_threads.cpp, so each thread streams one region of the codes at a time), for each group of
+//      up to kMaxMR rows: the ISA's tile kernel, then bias + dtype store.
+// Nothing is allocated: the caller owns the workspace (oe_q4_cpu_workspace_bytes). Thread count:
+// oe::num_threads() (OMP_NUM_THREADS / _C.set_num_threads, shared with the other kernel families).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 
@@ -15,9 +19,6 @@
 #include "common/half.h"
 #include "q4/q4.h"
 
-#if defined(OE_WITH_OPENMP)
-#include <omp.h>
-#endif
 
 namespace oe {
 namespace q4 {
@@ -226,6 +227,66 @@ void quantize_blocks_scalar(const float* xf, int64_t nblocks, int8_t* xq, float*
   }
 }
 
+
+namespace {
+
+// Everything one oe_q4_matmul_cpu call shares with its chunks.
+struct Call {
+  const oe_q4_weight& w;
+  const void* x;
+  int dt;
+  int64_t M;
+  void* y;
+  int mode;
+  const TileKernels* kern;
+  const TileFn* fns;
+  Prep p;
+  float* xf;
+  int8_t* xq;
+  float* xd;
+  float* xds;
+  int64_t nb, nt;
+  int64_t prep_chunk, tile_chunk;
+  std::atomic<int> bad_perm;
+};
+
+// Prepare (row, block) items [i0, i1): gather, convert, and in INT8 mode quantize.
+void prep_range(Call& c, int64_t i0, int64_t i1) {
+  const int64_t Kp = c.w.Kp;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t m = i / c.nb, b = i % c.nb;
+    bool ok;
+    if (c.mode == OE_Q4_INT8) {
+      alignas(64) float tmp[kBlockK];
+      ok = gather(c.w, c.x, c.dt, m, b * kBlockK, kBlockK, tmp);
+      c.kern->quantize(tmp, 1, c.xq + m * Kp + b * kBlockK, c.xd + m * c.nb + b, c.xds + m * c.nb + b);
+    } else {
+      ok = gather(c.w, c.x, c.dt, m, b * kBlockK, kBlockK, c.xf + m * Kp + b * kBlockK);
+    }
+    if (!ok) c.bad_perm.store(1, std::memory_order_relaxed);
+  }
+}
+
+void prep_chunk(void* ctx, int64_t chunk) {
+  Call& c = *static_cast<Call*>(ctx);
+  const int64_t i0 = chunk * c.prep_chunk;
+  prep_range(c, i0, std::min(c.M * c.nb, i0 + c.prep_chunk));
+}
+
+void tile_chunk(void* ctx, int64_t chunk) {
+  Call& c = *static_cast<Call*>(ctx);
+  const int64_t t1 = std::min(c.nt, (chunk + 1) * c.tile_chunk);
+  alignas(64) float out[kMaxMR * kTileN];
+  for (int64_t t = chunk * c.tile_chunk; t < t1; ++t) {
+    for (int64_t m0 = 0; m0 < c.M; m0 += kMaxMR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMaxMR, c.M - m0));
+      c.fns[mr - 1](c.w, t, c.p, m0, out);
+      store_tile(c.w, t, m0, mr, out, c.dt, c.y);
+    }
+  }
+}
+
+}  // namespace
 }  // namespace q4
 }  // namespace oe
 
@@ -268,64 +329,27 @@ extern "C" oe_status oe_q4_matmul_cpu(const oe_q4_weight* w, const void* x, int 
     xf = reinterpret_cast<float*>(ws);
     p.xf = xf;
   }
-  const oe_q4_weight& W = *w;
-  int bad_perm = 0;
-  const TileFn* fns = mode == OE_Q4_INT8 ? kern->int8 : kern->exact;
-  const int64_t tile_chunk = std::max<int64_t>(1, nt / (8 * static_cast<int64_t>(num_threads())));
+  Call c{*w, x, dt, M, y, mode, kern, mode == OE_Q4_INT8 ? kern->int8 : kern->exact, p, xf, xq, xd, xds, nb, nt, 1, 1, {0}};
+  const int threads = num_threads();
 
-  // Preparing one (row, block) pair: gather, convert, and in INT8 mode quantize. Returns false on a bad perm.
-  auto prep = [&](int64_t i) {
-    const int64_t m = i / nb, b = i % nb;
-    if (mode == OE_Q4_INT8) {
-      alignas(64) float tmp[kBlockK];
-      const bool ok = gather(W, x, dt, m, b * kBlockK, kBlockK, tmp);
-      kern->quantize(tmp, 1, xq + m * Kp + b * kBlockK, xd + m * nb + b, xds + m * nb + b);
-      return ok;
-    }
-    return gather(W, x, dt, m, b * kBlockK, kBlockK, xf + m * Kp + b * kBlockK);
-  };
-  // Small activations (decode) are prepared by the calling thread: a few microseconds, and no barrier inside
-  // the parallel region, where a thread descheduled by other work on a shared machine would stall everyone.
-  const bool serial_prep = M * Kp <= kSerialPrepRows;
-  if (serial_prep) {
-    for (int64_t i = 0; i < M * nb; ++i) bad_perm |= !prep(i);
-    OE_CHECK(!bad_perm, OE_ERR_OUT_OF_RANGE, "q4: perm holds an entry outside [-1, K=%lld)", (long long)w->K);
+  // 1. activations, once per call. Small ones (decode) on the calling thread: a few microseconds.
+  const int64_t items = M * nb;
+  if (M * Kp <= kSerialPrepRows || threads <= 1) {
+    prep_range(c, 0, items);
+  } else {
+    c.prep_chunk = (items + 4 * threads - 1) / (4 * threads);
+    parallel_chunks((items + c.prep_chunk - 1) / c.prep_chunk, prep_chunk, &c);
   }
-
-#pragma omp parallel
-  {
-    // 1. activations, once per call (prefill sizes: threads split the (row, block) pairs)
-    if (!serial_prep) {
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < M * nb; ++i) {
-        if (!prep(i)) {
-#pragma omp atomic write
-          bad_perm = 1;
-        }
-      }
-      // (implicit barrier)
-    }
-    int bad;
-#pragma omp atomic read
-    bad = bad_perm;
-    if (!bad) {
-      // 2. column tiles, in contiguous chunks of about 1/8 of a thread's share: each chunk streams one
-      // region of the codes, and a thread slowed by other work on its core hands its remaining chunks over
-      // instead of holding everyone at the final barrier.
-#pragma omp for schedule(dynamic, tile_chunk)
-      for (int64_t t = 0; t < nt; ++t) {
-        alignas(64) float out[kMaxMR * kTileN];
-        for (int64_t m0 = 0; m0 < M; m0 += kMaxMR) {
-          const int mr = static_cast<int>(std::min<int64_t>(kMaxMR, M - m0));
-          fns[mr - 1](W, t, p, m0, out);
-          store_tile(W, t, m0, mr, out, dt, y);
-        }
-      }
-    }
-  }
+  const bool bad_perm = c.bad_perm.load() != 0;
   OE_CHECK(!bad_perm, OE_ERR_OUT_OF_RANGE, "q4: perm holds an entry outside [-1, K=%lld)", (long long)w->K);
+
+  // 2. column tiles, in contiguous chunks of about 1/8 of a thread's share: each chunk streams one region of
+  // the codes, and a thread slowed by other work hands its remaining chunks to the others.
+  c.tile_chunk = std::max<int64_t>(1, nt / (8 * static_cast<int64_t>(threads)));
+  parallel_chunks((nt + c.tile_chunk - 1) / c.tile_chunk, tile_chunk, &c);
   return OE_OK;
 }
+
 
 // ISA files that this target does not compile: no kernels at that level.
 namespace oe {
