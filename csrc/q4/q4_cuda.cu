@@ -272,12 +272,26 @@ extern "C" oe_status oe_q4_matmul_cuda(const oe_q4_weight* w, const void* x, int
            workspace ? workspace_bytes : size_t(0));
   OE_CHECK(reinterpret_cast<uintptr_t>(workspace) % 16 == 0 && reinterpret_cast<uintptr_t>(w->codes) % 16 == 0,
            OE_ERR_INVALID_ARG, "q4: codes and workspace must be 16-byte aligned");
+  // Launch on the GPU that holds the weights (this library has its own CUDA runtime instance, whose current
+  // device need not be the caller's); this also rejects host pointers.
+  cudaPointerAttributes attr;
+  cudaError_t e = cudaPointerGetAttributes(&attr, w->codes);
+  if (e != cudaSuccess || attr.type != cudaMemoryTypeDevice) {
+    cudaGetLastError();
+    return oe::fail(OE_ERR_INVALID_ARG, "q4: codes must be CUDA device memory (%s)",
+                    e != cudaSuccess ? cudaGetErrorString(e) : "host or managed pointer");
+  }
+  int prev = 0;
+  if ((e = cudaGetDevice(&prev)) != cudaSuccess || (prev != attr.device && (e = cudaSetDevice(attr.device)) != cudaSuccess))
+    return oe::fail(OE_ERR_CUDA, "q4: selecting GPU %d: %s", attr.device, cudaGetErrorString(e));
   const bool use_gemv = kernel == 1 || (kernel == 0 && M <= kMaxM);
   float* xw = static_cast<float*>(workspace);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (dt) {
-    case OE_F16: return launch<__half>(*w, x, M, y, use_gemv, xw, s);
-    case OE_BF16: return launch<__nv_bfloat16>(*w, x, M, y, use_gemv, xw, s);
-    default: return launch<float>(*w, x, M, y, use_gemv, xw, s);
+    case OE_F16: st = launch<__half>(*w, x, M, y, use_gemv, xw, s); break;
+    case OE_BF16: st = launch<__nv_bfloat16>(*w, x, M, y, use_gemv, xw, s); break;
+    default: st = launch<float>(*w, x, M, y, use_gemv, xw, s);
   }
+  if (prev != attr.device) cudaSetDevice(prev);
+  return st;
 }

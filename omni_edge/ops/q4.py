@@ -40,7 +40,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from omni_edge.ops import _check
+from omni_edge.ops import _check, _dispatch
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
@@ -276,7 +276,6 @@ def _tile_gptq_words(qweight: torch.Tensor, chunk_words: int = 1 << 24) -> torch
 def _repack_gptq(qweight: torch.Tensor, k: int, n: int, perm: torch.Tensor) -> torch.Tensor:
     """GPTQ qweight -> tiled codes: the native CPU repack when it is built (fast, bit-identical), else torch."""
     identity = _is_identity(perm, k)
-    from omni_edge.ops import _dispatch
     if qweight.device.type == "cpu" and _dispatch.native_requested():
         from omni_edge import _native
         qw = qweight.contiguous()
@@ -545,6 +544,18 @@ def _cpu_workspace(nbytes: int) -> torch.Tensor:
     return buf
 
 
+_FLOAT_SET = frozenset(_check.FLOAT_DTYPES)
+_lib = None
+
+
+def _native_lib():
+    global _lib
+    if _lib is None:
+        from omni_edge import _native
+        _lib = _native.lib()
+    return _lib
+
+
 def matmul(x: torch.Tensor, w: QWeight, *, exact: Optional[bool] = None) -> torch.Tensor:
     """y = x @ W + bias for x (..., K) fp32/bf16/fp16 -> (..., N) in x's dtype.
 
@@ -552,19 +563,19 @@ def matmul(x: torch.Tensor, w: QWeight, *, exact: Optional[bool] = None) -> torc
     set_exact(True); CUDA: fp32 accumulation), else the torch reference."""
     if not isinstance(w, QWeight):
         raise ValueError(f"qweight: expected omni_edge.ops.q4.QWeight, got {type(w).__name__}")
-    _check.tensor("x", x, dtype=_check.FLOAT_DTYPES)
     k = w.in_features
+    # the checks of _check.tensor, inlined for the decode hot path; _check words the errors
+    if not (isinstance(x, torch.Tensor) and x.dtype in _FLOAT_SET and x.is_contiguous()):
+        _check.tensor("x", x, dtype=_check.FLOAT_DTYPES)
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x: expected shape (..., {k}) (last dim = in_features), got {tuple(x.shape)}")
     if x.device != w.device:
         raise ValueError(f"x: expected a tensor on {w.device} (the weight's device), got {x.device}")
-    from omni_edge.ops import _dispatch
     if not _dispatch.native_enabled("q4", x.device):
         return matmul_ref(x, w)
-    from omni_edge import _native
-    lib = _native.lib()
+    lib = _native_lib()
     m = x.numel() // k
-    y = torch.empty(*x.shape[:-1], w.out_features, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape[:-1] + (w.out_features,), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
     dt = _check.DTYPE_CODE[x.dtype]
