@@ -12,6 +12,7 @@ Tolerance rules used below, with their reasons:
   1e-5 rule (fp32 block sums in the kernel).
 - INT8 path vs torch: the activation quantization error, rigorously |y - ref| <= sum_k |W_kn| * d_b(k) / 2
   (each x_k is rounded to d * round(x_k / d) with d = max|x| / 127 over its 32-row block), plus the fp32 rule.
+- The bias is added in fp32, so |bias| joins the magnitude in the 1e-5 rule.
 - Outputs in bf16 / fp16: both sides round an fp32 value to the output dtype, and values a hair apart can
   round to neighbours, so one output ulp (2^-7 |y| for bf16, 2^-10 |y| for fp16) is added.
 """
@@ -76,7 +77,10 @@ def make_layer(k, n, gs, *, act_order=False, sym=True, fmt="gptq", bias=False, u
 
 
 def _tol_exact(x, w, ref, dtype):
+    """1e-5 of the magnitude of the sum (sum_k |x_k| |W_kn| + |bias_n|) plus one output ulp."""
     mag = x.float().abs().reshape(-1, w.in_features) @ w.dequantize().abs()
+    if w.bias is not None:
+        mag = mag + w.bias.float().abs().to(mag.device)
     return 1e-5 * mag.reshape(ref.shape) + OUT_ULP[dtype] * ref.float().abs()
 
 

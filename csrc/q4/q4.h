@@ -113,10 +113,12 @@ oe_status validate(const oe_q4_weight* w, const void* x, int dt, int64_t M, cons
 
 // Activations prepared once per call, in layout row order (gathered by perm, converted to fp32, zero
 // padding rows), per row m:
-//   EXACT: xf[m * Kp + r]
+//   EXACT: xf[m * Kp + r], xs[m * nb + b] = sum of the block's xf (in order; kernels that fold the zero point
+//          through the activation sums use it)
 //   INT8:  xq[m * Kp + r] int8, xd[m * nb + b] block scale d, xds[m * nb + b] = d * sum of the block's xi
 struct Prep {
   const float* xf = nullptr;
+  const float* xs = nullptr;
   const int8_t* xq = nullptr;
   const float* xd = nullptr;
   const float* xds = nullptr;

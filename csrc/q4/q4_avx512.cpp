@@ -7,9 +7,10 @@
 //   vpdpbusd(acc, lo, broadcast(xq[r0..r0+3])) adds sum_i q * xi for 4 rows x 16 columns = 64 MACs per
 //   instruction, exact in int32. Per 32-row block: acc += d_block * (float)isum; per group segment:
 //   y += s * (acc - z * sum_b d_b * sum(xi_b)) (the zero point folded through the activation sums).
-// EXACT: nibble j is moved to the lane's low bits and turned into the float 2^23 + q with one vpternlogd
-//   ((v >> 4j) & 0xF | 0x4B000000); subtracting 2^23 + z gives q - z exactly, then one FMA per 16 weights.
-//   Per group segment: y += s * acc. Several accumulators per row hide the FMA latency.
+// EXACT, 3+ rows: nibble j is moved to the lane's low bits and turned into the float 2^23 + q with one
+//   vpternlogd ((v >> 4j) & 0xF | 0x4B000000); subtracting 2^23 + z gives q - z exactly, then one FMA per 16
+//   weights and row. Per group segment: y += s * acc. Several accumulators per row hide the FMA latency.
+// EXACT, 1-2 rows (decode): tile_exact_masked below, masking nibbles in place (3 instructions per 16 weights).
 #include <immintrin.h>
 
 // GCC 12 reports -Wmaybe-uninitialized inside its own AVX-512 intrinsic headers (the _mm512_undefined_*
@@ -93,6 +94,63 @@ void tile_int8(const oe_q4_weight& w, int64_t t, const Prep& p, int64_t m0, floa
   for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + m * kTileN, y[m]);
 }
 
+// EXACT for one or two rows (decode): three instructions per 16 weights instead of four. Nibble j is masked in
+// place, (v & 0xF << 4j) = q * 16^j, and converted exactly (at most 4 significant bits; vcvtudq2ps for the top
+// nibble); each j has its own accumulator, in units of 16^j, so the products x * (q * 16^j) carry exactly the
+// rounding of x * q. Per group segment: sum_j acc_j * 16^-j (exact power-of-two scaling) - z * sum(x), times s.
+// Eight accumulators per row also hide the FMA latency. The zero point is folded through the block sums xs,
+// which costs a few ulps of cancellation against sum |x| * 15 (well inside the EXACT tolerance).
+template <int MR>
+void tile_exact_masked(const oe_q4_weight& w, int64_t t, const Prep& p, int64_t m0, float* out) {
+  static_assert(MR <= 2, "8 accumulators per row: at most two rows fit the 32 zmm registers");
+  const int64_t octets = w.Kp / kOctet, nb = w.Kp / kBlockK;
+  const char* c = reinterpret_cast<const char*>(w.codes + t * octets * kTileN);
+  const uint16_t* sc = w.scales + t * w.G * kTileN;
+  const uint8_t* zp = w.zeros + t * w.G * kTileN;
+  const float* xf[MR];
+  const float* xs[MR];
+  for (int m = 0; m < MR; ++m) {
+    xf[m] = p.xf + (m0 + m) * w.Kp;
+    xs[m] = p.xs + (m0 + m) * nb;
+  }
+  __m512 y[MR];
+  for (int m = 0; m < MR; ++m) y[m] = _mm512_setzero_ps();
+  int64_t b = 0;
+  while (b < nb) {
+    const int32_t g = w.block_group[b];
+    __m512 acc[MR][8];
+    float xsum[MR];
+    for (int m = 0; m < MR; ++m) {
+      for (int j = 0; j < 8; ++j) acc[m][j] = _mm512_setzero_ps();
+      xsum[m] = 0.0f;
+    }
+    do {
+      const char* cb = c + b * (kOctetsPerBlock * kTileOctetBytes);
+      for (int o = 0; o < kOctetsPerBlock; ++o) {
+        const __m512i v = _mm512_loadu_si512(cb + o * kTileOctetBytes);
+        const int64_t r0 = (b * kOctetsPerBlock + o) * kOctet;
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+          const __m512i qj = _mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFu << (4 * j))));
+          const __m512 wv = j == 7 ? _mm512_cvtepu32_ps(qj) : _mm512_cvtepi32_ps(qj);
+          for (int m = 0; m < MR; ++m)
+            acc[m][j] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xf[m][r0 + kNibbleRow[j]]), acc[m][j]);
+        }
+      }
+      for (int m = 0; m < MR; ++m) xsum[m] += xs[m][b];
+      ++b;
+    } while (b < nb && w.block_group[b] == g);
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * kTileN)));
+    const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zp + g * kTileN))));
+    for (int m = 0; m < MR; ++m) {
+      __m512 a = acc[m][0];
+      for (int j = 1; j < 8; ++j) a = _mm512_fmadd_ps(acc[m][j], _mm512_set1_ps(1.0f / static_cast<float>(1u << (4 * j))), a);
+      y[m] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[m]), a), y[m]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + m * kTileN, y[m]);
+}
+
 template <int MR>
 void tile_exact(const oe_q4_weight& w, int64_t t, const Prep& p, int64_t m0, float* out) {
   constexpr int NA = MR == 1 ? 4 : 2;  // accumulators per row
@@ -164,7 +222,7 @@ void quantize(const float* xf, int64_t nblocks, int8_t* xq, float* xd, float* xd
 }
 
 const TileKernels kAvx512 = {
-    {tile_exact<1>, tile_exact<2>, tile_exact<3>, tile_exact<4>},
+    {tile_exact_masked<1>, tile_exact_masked<2>, tile_exact<3>, tile_exact<4>},
     {tile_int8<1>, tile_int8<2>, tile_int8<3>, tile_int8<4>},
     quantize,
 };

@@ -261,7 +261,11 @@ void prep_range(Call& c, int64_t i0, int64_t i1) {
       ok = gather(c.w, c.x, c.dt, m, b * kBlockK, kBlockK, tmp);
       c.kern->quantize(tmp, 1, c.xq + m * Kp + b * kBlockK, c.xd + m * c.nb + b, c.xds + m * c.nb + b);
     } else {
-      ok = gather(c.w, c.x, c.dt, m, b * kBlockK, kBlockK, c.xf + m * Kp + b * kBlockK);
+      float* xf = c.xf + m * Kp + b * kBlockK;
+      ok = gather(c.w, c.x, c.dt, m, b * kBlockK, kBlockK, xf);
+      float sum = 0.0f;
+      for (int r = 0; r < kBlockK; ++r) sum += xf[r];
+      const_cast<float*>(c.p.xs)[m * c.nb + b] = sum;
     }
     if (!ok) c.bad_perm.store(1, std::memory_order_relaxed);
   }
@@ -297,7 +301,7 @@ extern "C" size_t oe_q4_cpu_workspace_bytes(int64_t M, int64_t Kp, int mode) {
   if (M <= 0 || Kp <= 0) return 0;
   const size_t m = static_cast<size_t>(M), kp = static_cast<size_t>(Kp), nb = kp / kBlockK;
   if (mode == OE_Q4_INT8) return align64(m * kp) + 2 * align64(m * nb * sizeof(float)) + 64;
-  return align64(m * kp * sizeof(float)) + 64;
+  return align64(m * kp * sizeof(float)) + align64(m * nb * sizeof(float)) + 64;
 }
 
 extern "C" oe_status oe_q4_matmul_cpu(const oe_q4_weight* w, const void* x, int dt, int64_t M, void* y, int mode,
@@ -328,6 +332,7 @@ extern "C" oe_status oe_q4_matmul_cpu(const oe_q4_weight* w, const void* x, int 
   } else {
     xf = reinterpret_cast<float*>(ws);
     p.xf = xf;
+    p.xs = reinterpret_cast<float*>(ws + align64(M * Kp * sizeof(float)));
   }
   Call c{*w, x, dt, M, y, mode, kern, mode == OE_Q4_INT8 ? kern->int8 : kern->exact, p, xf, xq, xd, xds, nb, nt, 1, 1, {0}};
   const int threads = num_threads();

@@ -15,6 +15,7 @@
 // matmuls arrive within microseconds), then sleep on a condition variable.
 #include <atomic>
 #include <condition_variable>
+#include <exception>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -59,9 +60,13 @@ class Pool {
     uint32_t gen;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      while (static_cast<int>(workers_.size()) < threads - 1) {
-        const int index = static_cast<int>(workers_.size());
-        workers_.emplace_back([this, index] { worker(index); });
+      try {
+        while (static_cast<int>(workers_.size()) < threads - 1) {
+          const int index = static_cast<int>(workers_.size());
+          workers_.emplace_back([this, index] { worker(index); });
+        }
+      } catch (const std::exception&) {
+        // no more threads available: run with the workers there are (the caller alone, at worst)
       }
       gen = ++gen_counter_;
       fn_ = fn;
