@@ -123,11 +123,13 @@ void tile_exact_scalar(const oe_q4_weight& w, int64_t t, const Prep& p, int64_t 
       for (int o = 0; o < kOctetsPerBlock; ++o) {
         const int64_t oct = b * kOctetsPerBlock + o;
         const uint32_t* word = c + oct * kTileN;
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < 8; ++j) {  // loops over the 16 lanes innermost: compilers vectorize them
           const int64_t r = oct * kOctet + kNibbleRow[j];
-          for (int l = 0; l < kTileN; ++l) {
-            const float wv = static_cast<float>((word[l] >> (4 * j)) & 0xFu) - z[l];
-            for (int m = 0; m < MR; ++m) acc[m][l] += wv * p.xf[(m0 + m) * w.Kp + r];
+          float wv[kTileN];
+          for (int l = 0; l < kTileN; ++l) wv[l] = static_cast<float>((word[l] >> (4 * j)) & 0xFu) - z[l];
+          for (int m = 0; m < MR; ++m) {
+            const float xv = p.xf[(m0 + m) * w.Kp + r];
+            for (int l = 0; l < kTileN; ++l) acc[m][l] += wv[l] * xv;
           }
         }
       }
@@ -161,9 +163,11 @@ void tile_int8_scalar(const oe_q4_weight& w, int64_t t, const Prep& p, int64_t m
         const uint32_t* word = c + oct * kTileN;
         for (int j = 0; j < 8; ++j) {
           const int64_t r = oct * kOctet + kNibbleRow[j];
-          for (int l = 0; l < kTileN; ++l) {
-            const int32_t q = static_cast<int32_t>((word[l] >> (4 * j)) & 0xFu);
-            for (int m = 0; m < MR; ++m) isum[m][l] += q * p.xq[(m0 + m) * w.Kp + r];
+          int32_t q[kTileN];
+          for (int l = 0; l < kTileN; ++l) q[l] = static_cast<int32_t>((word[l] >> (4 * j)) & 0xFu);
+          for (int m = 0; m < MR; ++m) {
+            const int32_t xv = p.xq[(m0 + m) * w.Kp + r];
+            for (int l = 0; l < kTileN; ++l) isum[m][l] += q[l] * xv;
           }
         }
       }
