@@ -314,6 +314,12 @@ def test_leading_dims_empty_and_threads():
         y = q4.matmul(x, w, exact=exact)
         assert y.shape == (2, 3, 40)
         assert torch.equal(y.reshape(6, 40), q4.matmul(x.reshape(6, 128), w, exact=exact))
+    out = torch.full((2, 3, 40), float("nan"))
+    assert q4.matmul(x, w, out=out) is out and torch.equal(out, q4.matmul(x, w))
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 3, 40\)"):
+        q4.matmul(x, w, out=torch.empty(6, 40))
+    with pytest.raises(ValueError, match="out: expected dtype float32"):
+        q4.matmul(x, w, out=torch.empty(2, 3, 40, dtype=torch.float16))
     assert q4.matmul(torch.zeros(0, 128), w).shape == (0, 40)
     assert q4.matmul(torch.zeros(4, 0, 128), w).shape == (4, 0, 40)
     # each output tile is computed by one thread: results do not depend on the thread count

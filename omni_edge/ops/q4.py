@@ -556,11 +556,13 @@ def _native_lib():
     return _lib
 
 
-def matmul(x: torch.Tensor, w: QWeight, *, exact: Optional[bool] = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, w: QWeight, *, exact: Optional[bool] = None,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W + bias for x (..., K) fp32/bf16/fp16 -> (..., N) in x's dtype.
 
     Native kernel where available (CPU: INT8-activation path unless exact / OMNI_EDGE_Q4_EXACT=1 /
-    set_exact(True); CUDA: fp32 accumulation), else the torch reference."""
+    set_exact(True); CUDA: fp32 accumulation), else the torch reference. `out`: an optional preallocated
+    contiguous (..., N) tensor of x's dtype on x's device (a decode loop can then allocate nothing)."""
     if not isinstance(w, QWeight):
         raise ValueError(f"qweight: expected omni_edge.ops.q4.QWeight, got {type(w).__name__}")
     k = w.in_features
@@ -571,11 +573,15 @@ def matmul(x: torch.Tensor, w: QWeight, *, exact: Optional[bool] = None) -> torc
         raise ValueError(f"x: expected shape (..., {k}) (last dim = in_features), got {tuple(x.shape)}")
     if x.device != w.device:
         raise ValueError(f"x: expected a tensor on {w.device} (the weight's device), got {x.device}")
+    shape = x.shape[:-1] + (w.out_features,)
+    if out is not None:
+        _check.tensor("out", out, dtype=x.dtype, shape=tuple(shape), device=x.device)
     if not _dispatch.native_enabled("q4", x.device):
-        return matmul_ref(x, w)
+        y = matmul_ref(x, w)
+        return y if out is None else out.copy_(y)
     lib = _native_lib()
     m = x.numel() // k
-    y = torch.empty(x.shape[:-1] + (w.out_features,), dtype=x.dtype, device=x.device)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return y
     dt = _check.DTYPE_CODE[x.dtype]
