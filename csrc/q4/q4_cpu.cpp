@@ -19,7 +19,6 @@
 #include "common/half.h"
 #include "q4/q4.h"
 
-
 namespace oe {
 namespace q4 {
 
@@ -246,6 +245,7 @@ struct Call {
   const TileFn* fns;
   Prep p;
   float* xf;
+  float* xs;
   int8_t* xq;
   float* xd;
   float* xds;
@@ -269,7 +269,7 @@ void prep_range(Call& c, int64_t i0, int64_t i1) {
       ok = gather(c.w, c.x, c.dt, m, b * kBlockK, kBlockK, xf);
       float sum = 0.0f;
       for (int r = 0; r < kBlockK; ++r) sum += xf[r];
-      const_cast<float*>(c.p.xs)[m * c.nb + b] = sum;
+      c.xs[m * c.nb + b] = sum;
     }
     if (!ok) c.bad_perm.store(1, std::memory_order_relaxed);
   }
@@ -323,7 +323,7 @@ extern "C" oe_status oe_q4_matmul_cpu(const oe_q4_weight* w, const void* x, int 
   const int64_t Kp = w->Kp, nb = Kp / kBlockK, nt = (w->N + kTileN - 1) / kTileN;
   uint8_t* ws = reinterpret_cast<uint8_t*>(align64(reinterpret_cast<uintptr_t>(workspace)));
   Prep p;
-  float* xf = nullptr;
+  float *xf = nullptr, *xs = nullptr;
   int8_t* xq = nullptr;
   float *xd = nullptr, *xds = nullptr;
   if (mode == OE_Q4_INT8) {
@@ -336,9 +336,10 @@ extern "C" oe_status oe_q4_matmul_cpu(const oe_q4_weight* w, const void* x, int 
   } else {
     xf = reinterpret_cast<float*>(ws);
     p.xf = xf;
-    p.xs = reinterpret_cast<float*>(ws + align64(M * Kp * sizeof(float)));
+    xs = reinterpret_cast<float*>(ws + align64(M * Kp * sizeof(float)));
+    p.xs = xs;
   }
-  Call c{*w, x, dt, M, y, mode, kern, mode == OE_Q4_INT8 ? kern->int8 : kern->exact, p, xf, xq, xd, xds, nb, nt, 1, 1, {0}};
+  Call c{*w, x, dt, M, y, mode, kern, mode == OE_Q4_INT8 ? kern->int8 : kern->exact, p, xf, xs, xq, xd, xds, nb, nt, 1, 1, {0}};
   const int threads = num_threads();
 
   // 1. activations, once per call. Small ones (decode) on the calling thread: a few microseconds.
