@@ -23,6 +23,10 @@
 //                The result is the exact product of the quantized activations with the weights up to fp32
 //                rounding, so |y - y_exact| <= sum_k |W[k, n]| * d_block(k) / 2 (+ fp32 rounding).
 // CUDA computes in fp32 with exactly dequantized weights (the EXACT contract) whatever the mode.
+//
+// CPU threads: column tiles are split over the calling thread and a small work-claiming pool
+// (q4_threads.cpp) rather than an OpenMP region, so a call never waits for a thread that has not started
+// (on cores shared with other work an OpenMP fork/join waited for a scheduler slice on most decode calls).
 #pragma once
 #include <cstddef>
 #include <cstdint>
