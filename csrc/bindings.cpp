@@ -13,6 +13,7 @@
 #include "common/cpu_features.h"
 #include "common/cuda_info.h"
 #include "common/oe.h"
+#include "q4/q4.h"
 
 #include "attention/attention.h"
 #include "rvq/rvq.h"
@@ -110,6 +111,69 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_stream_sync", [](uintptr_t stream) { check(oe::cuda_stream_sync(stream)); }, release_gil());
 
   // ---- q4 (csrc/q4) -------------------------------------------------------------------------------
+  // A weight travels as the tuple (codes, scales, zeros, perm, block_group, bias, K, N, Kp, G): tensor addresses
+  // (0 for a NULL perm / bias) and sizes, built and kept alive by omni_edge.ops.q4.QWeight.
+  using Q4Tuple = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int64_t, int64_t,
+                             int64_t, int64_t>;
+  static auto q4_weight = [](const Q4Tuple& t) {
+    oe_q4_weight w;
+    w.codes = ptr<const uint32_t>(std::get<0>(t));
+    w.scales = ptr<const uint16_t>(std::get<1>(t));
+    w.zeros = ptr<const uint8_t>(std::get<2>(t));
+    w.perm = ptr<const int32_t>(std::get<3>(t));
+    w.block_group = ptr<const int32_t>(std::get<4>(t));
+    w.bias = ptr<const float>(std::get<5>(t));
+    w.K = std::get<6>(t);
+    w.N = std::get<7>(t);
+    w.Kp = std::get<8>(t);
+    w.G = std::get<9>(t);
+    return w;
+  };
+  m.def("q4_layout", []() {
+    py::dict d;
+    d["tile_n"] = oe::q4::kTileN;
+    d["octet"] = oe::q4::kOctet;
+    d["block_k"] = oe::q4::kBlockK;
+    d["nibble_row"] = py::make_tuple(oe::q4::kNibbleRow[0], oe::q4::kNibbleRow[1], oe::q4::kNibbleRow[2],
+                                     oe::q4::kNibbleRow[3], oe::q4::kNibbleRow[4], oe::q4::kNibbleRow[5],
+                                     oe::q4::kNibbleRow[6], oe::q4::kNibbleRow[7]);
+    d["cuda_gemv_max_m"] = oe::q4::kCudaGemvMaxM;
+    return d;
+  }, "Constants of the q4 tiled weight layout (quantize/FORMAT.md)");
+  m.def("q4_repack_gptq_cpu",
+        [](uintptr_t qweight, int64_t K, int64_t N, uintptr_t perm, int64_t Kp, uintptr_t codes) {
+          check(oe_q4_repack_gptq_cpu(ptr<const int32_t>(qweight), K, N, ptr<const int32_t>(perm), Kp,
+                                      ptr<int32_t>(codes)));
+        },
+        py::arg("qweight"), py::arg("K"), py::arg("N"), py::arg("perm"), py::arg("Kp"), py::arg("codes"),
+        release_gil(), "GPTQ qweight (K/8, N) -> tiled codes (ceil(N/16), Kp/8, 16), rows reordered by perm");
+  m.def("q4_cpu_workspace_bytes", &oe_q4_cpu_workspace_bytes, py::arg("M"), py::arg("Kp"), py::arg("mode"));
+  m.def("q4_cuda_workspace_bytes", &oe_q4_cuda_workspace_bytes, py::arg("M"), py::arg("Kp"));
+  m.def("q4_matmul_cpu",
+        [](const Q4Tuple& wt, uintptr_t x, int dt, int64_t M, uintptr_t y, int mode, uintptr_t ws, size_t ws_bytes) {
+          const oe_q4_weight w = q4_weight(wt);
+          check(oe_q4_matmul_cpu(&w, ptr<const void>(x), dt, M, ptr<void>(y), mode, ptr<void>(ws), ws_bytes));
+        },
+        py::arg("weight"), py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("y"), py::arg("mode"),
+        py::arg("workspace"), py::arg("workspace_bytes"), release_gil(),
+        "y (M, N) = x (M, K) @ W + bias on the CPU; mode 0 exact fp32, 1 int8 activations");
+  m.def("q4_matmul_ref_cpu",
+        [](const Q4Tuple& wt, uintptr_t x, int dt, int64_t M, uintptr_t y, int mode) {
+          const oe_q4_weight w = q4_weight(wt);
+          check(oe_q4_matmul_ref_cpu(&w, ptr<const void>(x), dt, M, ptr<void>(y), mode));
+        },
+        py::arg("weight"), py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("y"), py::arg("mode"), release_gil(),
+        "Scalar reference of q4_matmul_cpu (double accumulation)");
+  m.def("q4_matmul_cuda",
+        [](const Q4Tuple& wt, uintptr_t x, int dt, int64_t M, uintptr_t y, int kernel, uintptr_t ws, size_t ws_bytes,
+           uintptr_t stream) {
+          const oe_q4_weight w = q4_weight(wt);
+          check(oe_q4_matmul_cuda(&w, ptr<const void>(x), dt, M, ptr<void>(y), kernel, ptr<void>(ws), ws_bytes,
+                                  stream));
+        },
+        py::arg("weight"), py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("y"), py::arg("kernel"),
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"), release_gil(),
+        "y = x @ W + bias on the GPU; kernel 0 auto, 1 GEMV (M <= 8), 2 GEMM");
 
   // ---- attention (csrc/attention) -----------------------------------------------------------------
   // Addresses are tensor.data_ptr(); `lengths` 0 means none (prefill only). omni_edge/ops/attention.py
