@@ -48,3 +48,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def q4_exact():
+    """Run q4 matmuls on the exact fp32-activation CPU path for the duration of a test.
+
+    Tests that compare a 4-bit model with its dequantized dense twin at fp32 tolerances check the weight
+    layout and loading, so they need the exact path: the default INT8-activation path differs by the
+    activation quantization error (bounded and tested in test_q4.py)."""
+    from omni_edge.ops import q4
+    with q4.exact_mode():
+        yield

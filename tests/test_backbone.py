@@ -191,6 +191,7 @@ def test_inputs_embeds_equals_ids():
 # 4-bit
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("q4_exact")
 @torch.no_grad()
 def test_rtn4_matches_dequantized_dense_and_stays_close():
     cfg = _cfg("gqa7")
@@ -274,6 +275,7 @@ def test_decoder_layer_matches_hf_layer():
     assert _rel(layer.forward_nocache(h), want) < 1e-5
 
 
+@pytest.mark.usefixtures("q4_exact")
 def test_linear_groups_and_replace():
     cfg = _cfg("gqa2")
     assert linear_groups(cfg) == LINEAR_GROUPS_PACKED

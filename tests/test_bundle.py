@@ -100,6 +100,7 @@ def test_omni_bundle_end_to_end(omni_bundle, tiny_omni_bytelevel):
     assert manifest["source"]["fingerprint"].startswith("sha256:")
 
 
+@pytest.mark.usefixtures("q4_exact")
 def test_hf_bundle_is_a_gptq_checkpoint(qwen2_bundle, qwen2_src):
     out, manifest = qwen2_bundle
     _runtime_checks(out, manifest, qwen2_src)
@@ -126,6 +127,7 @@ def test_hf_bundle_is_a_gptq_checkpoint(qwen2_bundle, qwen2_src):
     assert AutoConfig.from_pretrained(out).quantization_config["bits"] == 4
 
 
+@pytest.mark.usefixtures("q4_exact")
 def test_asym_v1_on_request(qwen2_src, tmp_path):
     from omni_edge import pipeline
     from omni_edge.quantize.report import runtime_perplexity

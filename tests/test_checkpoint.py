@@ -361,6 +361,7 @@ def _gptq_edit(cfg, group_size, fmt, store):
     return edit
 
 
+@pytest.mark.usefixtures("q4_exact")
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 @torch.no_grad()
 def test_gptq_linears_load_as_qweights(tmp_path, tiny_omni_bytelevel, fmt):

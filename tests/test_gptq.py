@@ -163,6 +163,7 @@ CASES = [(sym, ao, static, gs) for sym in (True, False) for ao, static in ((Fals
          for gs in (32, 64, 128, -1)]
 
 
+@pytest.mark.usefixtures("q4_exact")
 @pytest.mark.parametrize("sym,act_order,static,group_size", CASES)
 def test_roundtrip_through_gptq_tensors_and_q4(sym, act_order, static, group_size):
     x, w, h = layer_case(n=40, k=256, t=512, seed=11)
