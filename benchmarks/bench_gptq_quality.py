@@ -11,7 +11,9 @@ all together) and greedy answers to a few factual prompts, side by side, for:
                  token ids; only when gptqmodel is importable
 
 Every model is evaluated by the same code: omni_edge.pipeline.load (our runtime, q4 kernels) + the same
-perplexity routine, so the columns differ only in the weights. SmolLM2's hidden size 576 is not a multiple of
+perplexity routine, so the columns differ only in the weights. The q4 matmuls run on the EXACT path (fp32
+activations, exactly dequantized weights) so that the numbers measure the weights alone; --q4-int8 uses the
+runtime's default CPU path instead (int8-quantized activations, which adds its own small error). SmolLM2's hidden size 576 is not a multiple of
 128: use --group-size 64 or 32.
 
 Note: the package ships SmolLM2 as a Q4_1 GGUF (blocks of 32 along K, scale + min); the fp32 checkpoint holds
@@ -102,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-gptqmodel", action="store_true")
     p.add_argument("--work", help="keep the bundles in this folder (default: a temporary folder)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--q4-int8", action="store_true", help="evaluate on the runtime's default INT8-activation "
+                   "q4 CPU path instead of the EXACT one")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a shared "
                    "machine 1 avoids oversubscription")
     args = p.parse_args(argv)
@@ -109,6 +113,8 @@ def main(argv=None) -> int:
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
+    from omni_edge.ops import q4
+    q4.set_exact(not args.q4_int8)
     from omni_edge.quantize.build import QuantizeOptions, quantize_checkpoint
     from omni_edge.quantize.calibration import build_calibration, builtin_heldout_texts
     from omni_edge.testing import smollm2_checkpoint, smollm2_gguf
@@ -125,7 +131,7 @@ def main(argv=None) -> int:
     print(f"SmolLM2-135M-Instruct ({src}); 4-bit, group {args.group_size}, {'sym' if sym else 'asym'}, act-order "
           f"{'on (static groups)' if args.act_order else 'off'}, damp {args.damp}; calibration: built-in set, "
           f"{args.nsamples} samples max, seqlen {args.seqlen}, seed {args.seed}; torch threads "
-          f"{torch.get_num_threads()}; CPU")
+          f"{torch.get_num_threads()}; CPU; q4 path {'INT8 activations' if args.q4_int8 else 'EXACT'}")
 
     rows = {}
     timings = {}

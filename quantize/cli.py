@@ -17,8 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-order", action="store_true",
                    help="quantize columns by decreasing Hessian diagonal (desc_act), with static groups")
     p.add_argument("--no-static-groups", dest="static_groups", action="store_false", default=None,
-                   help="with --act-order: groups follow the processing order (permuted g_idx, as GPTQModel's "
-                        "desc_act without static_groups); the kernels then fold the permutation at load")
+                   help="with --act-order: groups follow the processing order (a permuted g_idx, as GPTQModel's "
+                        "desc_act without static_groups)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of its mean diagonal "
                    "(default 0.01)")
     p.add_argument("--calib", metavar="FILE", help="calibration texts, JSON lines {\"text\": \"...\"}, each used "
-                   "as one user turn (default: the built-in bilingual set)")
+                   "as one user turn (default: the built-in bilingual set of 64 short texts, fine for small models "
+                   "and tests; give the 7B a few hundred longer texts)")
     p.add_argument("--nsamples", type=int, default=128, metavar="N", help="calibration samples (default 128)")
     p.add_argument("--seqlen", type=int, default=512, metavar="L", help="tokens per sample at most (default 512)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")

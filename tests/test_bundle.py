@@ -76,6 +76,7 @@ def _runtime_checks(out, manifest, src):
     return model
 
 
+@pytest.mark.usefixtures("q4_exact")
 def test_omni_bundle_end_to_end(omni_bundle, tiny_omni_bytelevel):
     out, manifest = omni_bundle
     _runtime_checks(out, manifest, tiny_omni_bytelevel)

@@ -43,8 +43,12 @@ def src(tmp_path_factory):
 
 
 def our_logits(path, dtype=torch.float32):
+    """Our runtime's logits, q4 on its EXACT CPU path (the INT8-activation default has its own error, bounded
+    in test_q4; here the weights and their layout are under test)."""
+    from omni_edge.ops import q4
+
     model = pipeline.load(path, device="cpu", dtype=dtype, max_context=32)
-    with torch.no_grad():
+    with torch.no_grad(), q4.exact_mode():
         return model.backbone.logits(model.backbone.forward(IDS, start=0)).float()
 
 
