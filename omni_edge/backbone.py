@@ -427,7 +427,7 @@ class Backbone:
         if not isinstance(batch, int) or batch <= 0:
             raise ValueError(f"batch: expected a positive integer, got {batch!r}")
         cfg = self.config
-        self._k = self._v = None  # free the old cache first
+        self._k = self._v = self._plan = None  # free the old cache first (the plan holds it too)
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self._k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._v = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -447,7 +447,9 @@ class Backbone:
 
     def native_decode_supported(self) -> Optional[str]:
         """None when the native CPU decode step (csrc/decode) can serve this backbone and cache, else the
-        reason it cannot (the Python layer loop is used then)."""
+        reason it cannot (the Python layer loop is used then). The per-tensor part is cached per set of
+        layers: change linears through DecoderLayer.replace_linear / quantize_rtn (which rebuild the plan),
+        not by editing `layer.linears` in place."""
         if self.device.type != "cpu":
             return f"device {self.device} (the native decode step runs on cpu)"
         if self.dtype != torch.float32:

@@ -280,3 +280,35 @@ def test_native_step_every_isa(isa_levels, monkeypatch):
             h_py = _run(bb, ids, 3, False, monkeypatch)[0]
             h_nat = _run(bb, ids, 3, True, monkeypatch)[0]
             assert _rel(h_nat, h_py) < TOL, isa
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@torch.no_grad()
+def test_long_context_step(threads, monkeypatch):
+    """A step deep into a long cache (the threaded attention branch: over 1 MB of K/V per layer), the cache
+    filled with random K/V instead of a long prefill."""
+    lib = _native.lib()
+    prev = lib.num_threads()
+    lib.set_num_threads(threads)
+    try:
+        cfg = _cfg(False)
+        bb = Backbone.from_tensors(cfg, _tensors(cfg), quant="rtn4")
+        pos = 4700  # 4701 positions * 2 kv heads * 16 * 2 (K, V) * 4 bytes > 1 MiB
+        bb.allocate_cache(pos + 1)
+        k, v = bb.kv_cache
+        gen = torch.Generator().manual_seed(8)
+        k[:, :, :, :pos] = torch.randn(k[:, :, :, :pos].shape, generator=gen)
+        v[:, :, :, :pos] = torch.randn(v[:, :, :, :pos].shape, generator=gen)
+        h = bb.embed(torch.tensor([[7]]))
+        with q4.exact_mode(True):
+            monkeypatch.setenv("OMNI_EDGE_NATIVE_DECODE", "0")
+            h_py = bb.forward(inputs_embeds=h, start=pos)
+            kv_py = (k[:, :, :, pos].clone(), v[:, :, :, pos].clone())
+            k[:, :, :, pos] = 0
+            v[:, :, :, pos] = 0
+            monkeypatch.setenv("OMNI_EDGE_NATIVE_DECODE", "1")
+            h_nat = bb.decode_step_native(h, pos)
+        assert _rel(h_nat, h_py) < TOL
+        assert _rel(k[:, :, :, pos], kv_py[0]) < TOL and _rel(v[:, :, :, pos], kv_py[1]) < TOL
+    finally:
+        lib.set_num_threads(prev)

@@ -99,6 +99,8 @@ struct oe_decode_plan {
 
 namespace {
 
+constexpr int64_t kSerialAttnBytes = int64_t{1} << 20;
+
 oe_status check_linear(const oe_decode_linear& l, int64_t layer, const char* name, int64_t N, int64_t K,
                        size_t* ws) {
   OE_CHECK(l.N == N && l.K == K, OE_ERR_INVALID_ARG, "decode plan: layer %lld %s: expected shape (%lld, %lld), got (%lld, %lld)",
@@ -236,6 +238,11 @@ extern "C" oe_status oe_decode_step_cpu(oe_decode_plan* p, const float* h_in, fl
   float *h = p->h, *x = p->x, *t = p->t, *q = p->qkv, *k = p->qkv + qs, *v = p->qkv + qs + kvs;
   std::memmove(h, h_in, static_cast<size_t>(C) * sizeof(float));
   p->length = static_cast<int32_t>(pos + 1);
+  // Short contexts: attention reads little (under ~1 MB of K/V per layer) and runs on this thread alone; the
+  // kernel's OpenMP region would otherwise fork and join once per layer, and on cores shared with other work
+  // a join waits for a scheduler slice (see csrc/q4/q4_threads.cpp). Longer ones use every thread.
+  const int threads = num_threads();
+  const bool serial_attn = threads > 1 && (pos + 1) * Hkv * D * 2 * int64_t(sizeof(float)) < kSerialAttnBytes;
   oe_status st;
   for (const oe_decode_layer& L : p->layers) {
     rms_norm(h, L.input_norm, C, c.eps, x);
@@ -252,9 +259,10 @@ extern "C" oe_status oe_decode_step_cpu(oe_decode_plan* p, const float* h_in, fl
       std::memcpy(L.k_cache + (hh * S + pos) * D, k + hh * D, static_cast<size_t>(D) * sizeof(float));
       std::memcpy(L.v_cache + (hh * S + pos) * D, v + hh * D, static_cast<size_t>(D) * sizeof(float));
     }
-    if ((st = oe_attention_decode_cpu(q, L.k_cache, L.v_cache, p->attn, 1, Hq, Hkv, S, D, &p->length, scale, OE_F32,
-                                      0)) != OE_OK)
-      return st;
+    if (serial_attn) set_num_threads(1);
+    st = oe_attention_decode_cpu(q, L.k_cache, L.v_cache, p->attn, 1, Hq, Hkv, S, D, &p->length, scale, OE_F32, 0);
+    if (serial_attn) set_num_threads(threads);
+    if (st != OE_OK) return st;
     if ((st = linear(L.o, p->attn, t, q4_mode, p)) != OE_OK) return st;
     for (int64_t i = 0; i < C; ++i) h[i] += t[i];
     rms_norm(h, L.post_norm, C, c.eps, x);
