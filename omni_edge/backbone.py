@@ -575,7 +575,7 @@ class Backbone:
         if not isinstance(start, int) or start < 0 or start + t > self.max_len:
             raise ValueError(f"start: positions {start}..{start + t - 1} exceed the allocated cache "
                              f"(max_len={self.max_len}); allocate a longer cache")
-        if t == 1 and b == 1 and self.native_decode_supported() is None:
+        if t == 1 and b == 1 and not h.requires_grad and self.native_decode_supported() is None:
             return self._native_step(h, start)
         cos, sin = self._cos[start:start + t], self._sin[start:start + t]
         lengths = None
