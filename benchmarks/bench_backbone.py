@@ -21,13 +21,15 @@ Sections:
    not measured here.
 5. Per-step overhead: the same layer loop with tiny widths (same layer count, heads and code path, vocab 256)
    costs almost no arithmetic, so its step time is the Python + op-dispatch cost of one decode step; shown
-   beside the real step time. Also the chat loop's own cost (sampling, detokenizing, streaming) as the
+   beside the real step time. Decode rows run the native decode step (csrc/decode, B = 1 fp32 on CPU) and,
+   marked "(python layer loop)", the Python loop it replaces (OMNI_EDGE_NATIVE_DECODE=0) in the same run. Also the chat loop's own cost (sampling, detokenizing, streaming) as the
    difference between a ChatSession decode step and the bare forward + argmax step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -259,10 +261,25 @@ def tiny_twin(cfg):
                            packed_qkv=cfg.packed_qkv, tie_word_embeddings=cfg.tie_word_embeddings)
 
 
-def overhead_ms(cfg, *, q4: bool, dtype, steps: int = 20) -> float:
+@contextlib.contextmanager
+def decode_path(native: bool):
+    """native False: the Python layer loop (OMNI_EDGE_NATIVE_DECODE=0) instead of the native decode step."""
+    prev = os.environ.get("OMNI_EDGE_NATIVE_DECODE")
+    os.environ["OMNI_EDGE_NATIVE_DECODE"] = "1" if native else "0"
+    try:
+        yield
+    finally:
+        if prev is None:
+            del os.environ["OMNI_EDGE_NATIVE_DECODE"]
+        else:
+            os.environ["OMNI_EDGE_NATIVE_DECODE"] = prev
+
+
+def overhead_ms(cfg, *, q4: bool, dtype, steps: int = 20, native: bool = True) -> float:
     bb = random_backbone(tiny_twin(cfg), dtype=dtype, q4=q4)
     bb.allocate_cache(64)
-    _, ts = bench_ours(bb, list(range(16)), steps)
+    with decode_path(native):
+        _, ts = bench_ours(bb, list(range(16)), steps)
     return statistics.median(ts) * 1e3
 
 
@@ -403,14 +420,18 @@ def main() -> int:
         model = pipeline.load(path, dtype="float32", max_context=P + N + 64)
         text = ("The quick brown fox jumps over the lazy dog. " * 64)
         prompt = model.tokenizer.encode(text)[:P]
-        ours = {}
+        ours, ours_py = {}, {}
         for quant in ("none", "rtn4"):
             m = model if quant == "none" else pipeline.load(path, dtype="float32", quant=quant,
                                                             max_context=P + N + 8)
-            pre, steps = bench_ours(m.backbone, prompt, N)
-            ours[quant] = statistics.median(steps)
-            row(f"omni-edge fp32{' rtn4' if quant == 'rtn4' else ''}", pre, steps,
-                decode_bytes(m.backbone, P + N // 2), bw_read, results, f"smollm2_ours_{quant}")
+            for native in (True, False):  # the native decode step, then the Python layer loop it replaces
+                with decode_path(native):
+                    pre, steps = bench_ours(m.backbone, prompt, N)
+                (ours if native else ours_py)[quant] = statistics.median(steps)
+                row(f"omni-edge fp32{' rtn4' if quant == 'rtn4' else ''}"
+                    f"{'' if native else ' (py layer loop)'}", pre, steps,
+                    decode_bytes(m.backbone, P + N // 2), bw_read, results,
+                    f"smollm2_ours_{quant}{'' if native else '_pyloop'}")
             if quant == "none":
                 # the chat loop around the same backbone: sampling (T 0.8, top-k 20, top-p 0.85, rep 1.1),
                 # detokenizing and streaming; its own cost = session step time - time inside the model
@@ -431,8 +452,15 @@ def main() -> int:
         cfg = model.config.backbone
         ov_dense = overhead_ms(cfg, q4=False, dtype=torch.float32)
         ov_q4 = overhead_ms(cfg, q4=True, dtype=torch.float32)
-        results["smollm2_overhead_ms"] = dict(dense=ov_dense, q4=ov_q4)
-        print(f"\nper-step overhead (tiny-width twin: {cfg.num_hidden_layers} layers, same heads and code path):")
+        ov_dense_py = overhead_ms(cfg, q4=False, dtype=torch.float32, native=False)
+        ov_q4_py = overhead_ms(cfg, q4=True, dtype=torch.float32, native=False)
+        results["smollm2_overhead_ms"] = dict(dense=ov_dense, q4=ov_q4, dense_pyloop=ov_dense_py, q4_pyloop=ov_q4_py)
+        print("\nnative decode step vs python layer loop (median decode step, same run):")
+        for quant, label in (("none", "fp32"), ("rtn4", "rtn4")):
+            print(f"  {label}: {ours[quant] * 1e3:.2f} ms vs {ours_py[quant] * 1e3:.2f} ms "
+                  f"({1 / ours[quant]:.0f} vs {1 / ours_py[quant]:.0f} tok/s, x{ours_py[quant] / ours[quant]:.2f})")
+        print(f"\nper-step overhead (tiny-width twin: {cfg.num_hidden_layers} layers, same heads and code path; "
+              f"python layer loop: dense {ov_dense_py:.2f} ms, q4 {ov_q4_py:.2f} ms):")
         print(f"  dense: {ov_dense:.2f} ms of the {ours['none'] * 1e3:.2f} ms fp32 step "
               f"({100 * ov_dense / (ours['none'] * 1e3):.0f}%)")
         print(f"  q4:    {ov_q4:.2f} ms of the {ours['rtn4'] * 1e3:.2f} ms rtn4 step "

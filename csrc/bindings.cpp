@@ -8,7 +8,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "common/cpu_features.h"
 #include "common/cuda_info.h"
@@ -17,6 +19,7 @@
 
 #include "attention/attention.h"
 #include "rvq/rvq.h"
+#include "decode/decode.h"
 
 namespace py = pybind11;
 
@@ -328,4 +331,107 @@ PYBIND11_MODULE(_C, m) {
                                    workspace_bytes, stream));
         },
         release_gil());
+
+  // ---- decode (csrc/decode) -----------------------------------------------------------------------
+  // The native CPU decode step. omni_edge/backbone.py builds a DecodePlan once per KV cache from the layers'
+  // tensor addresses and passes `keepalive` (the tensors themselves), which the plan holds so the addresses
+  // stay valid for its lifetime. A linear travels as (1, weight, bias, N, K) for dense fp32 (bias 0 = none)
+  // or (2, q4 tuple) for 4-bit (the tuple of the q4 section). A layer is (input_norm, post_norm, linears,
+  // k_cache, v_cache) with linears [W_pack, o, gate, up, down] (packed) or [q, k, v, o, gate, up, down].
+  m.def("gemv_f32_cpu",
+        [](uintptr_t W, uintptr_t x, uintptr_t bias, int64_t N, int64_t K, uintptr_t y) {
+          check(oe_gemv_f32_cpu(ptr<const float>(W), ptr<const float>(x), ptr<const float>(bias), N, K, ptr<float>(y)));
+        },
+        py::arg("W"), py::arg("x"), py::arg("bias"), py::arg("N"), py::arg("K"), py::arg("y"), release_gil(),
+        "y (N) = W (N, K) . x (K) + bias, fp32 (bias 0 = none)");
+  struct DecodePlan {
+    oe_decode_plan* plan = nullptr;
+    py::object keepalive;
+    int64_t hidden = 0, max_len = 0;
+    ~DecodePlan() { oe_decode_plan_destroy(plan); }
+  };
+  static const auto decode_linear = [](const py::tuple& t, const char* what) {
+    oe_decode_linear l{};
+    const int kind = t.size() >= 1 ? t[0].cast<int>() : 0;
+    if (kind == OE_DECODE_DENSE && t.size() == 5) {
+      l.kind = kind;
+      l.weight = ptr<const float>(t[1].cast<uintptr_t>());
+      l.bias = ptr<const float>(t[2].cast<uintptr_t>());
+      l.N = t[3].cast<int64_t>();
+      l.K = t[4].cast<int64_t>();
+    } else if (kind == OE_DECODE_Q4 && t.size() == 2) {
+      l.kind = kind;
+      l.q4 = q4_weight(t[1].cast<Q4Tuple>());
+      l.N = l.q4.N;
+      l.K = l.q4.K;
+    } else {
+      throw py::value_error(std::string("decode plan: ") + what + ": expected (1, weight, bias, N, K) or (2, q4 tuple), got a " +
+                            std::to_string(t.size()) + "-tuple of kind " + std::to_string(kind));
+    }
+    return l;
+  };
+  py::class_<DecodePlan>(m, "DecodePlan", "Opaque native decode plan (csrc/decode/decode.h)")
+      .def(py::init([](int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
+                       int64_t max_len, float eps, bool packed, uintptr_t cos, uintptr_t sin, uintptr_t final_norm,
+                       const std::vector<py::tuple>& layers, py::object keepalive) {
+             oe_decode_config c{};
+             c.hidden = hidden;
+             c.heads = heads;
+             c.kv_heads = kv_heads;
+             c.head_dim = head_dim;
+             c.intermediate = intermediate;
+             c.layers = static_cast<int64_t>(layers.size());
+             c.max_len = max_len;
+             c.eps = eps;
+             c.packed_qkv = packed ? 1 : 0;
+             c.dtype = OE_F32;
+             c.cos = ptr<const float>(cos);
+             c.sin = ptr<const float>(sin);
+             c.final_norm = ptr<const float>(final_norm);
+             std::vector<oe_decode_layer> ls(layers.size());
+             const size_t n_lin = packed ? 5 : 7;
+             for (size_t i = 0; i < layers.size(); ++i) {
+               const py::tuple& t = layers[i];
+               if (t.size() != 5) throw py::value_error("decode plan: layer " + std::to_string(i) +
+                                                        ": expected (input_norm, post_norm, linears, k_cache, v_cache)");
+               const auto lin = t[2].cast<std::vector<py::tuple>>();
+               if (lin.size() != n_lin)
+                 throw py::value_error("decode plan: layer " + std::to_string(i) + ": expected " + std::to_string(n_lin) +
+                                       " linears, got " + std::to_string(lin.size()));
+               oe_decode_layer& L = ls[i];
+               L.input_norm = ptr<const float>(t[0].cast<uintptr_t>());
+               L.post_norm = ptr<const float>(t[1].cast<uintptr_t>());
+               size_t j = 0;
+               if (packed) {
+                 L.qkv = decode_linear(lin[j++], "W_pack");
+               } else {
+                 L.q = decode_linear(lin[j++], "q_proj");
+                 L.k = decode_linear(lin[j++], "k_proj");
+                 L.v = decode_linear(lin[j++], "v_proj");
+               }
+               L.o = decode_linear(lin[j++], "o_proj");
+               L.gate = decode_linear(lin[j++], "gate_proj");
+               L.up = decode_linear(lin[j++], "up_proj");
+               L.down = decode_linear(lin[j++], "down_proj");
+               L.k_cache = ptr<float>(t[3].cast<uintptr_t>());
+               L.v_cache = ptr<float>(t[4].cast<uintptr_t>());
+             }
+             auto p = std::make_unique<DecodePlan>();
+             check(oe_decode_plan_create(&c, ls.data(), static_cast<int64_t>(ls.size()), &p->plan));
+             p->keepalive = std::move(keepalive);
+             p->hidden = hidden;
+             p->max_len = max_len;
+             return p;
+           }),
+           py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"),
+           py::arg("max_len"), py::arg("eps"), py::arg("packed"), py::arg("cos"), py::arg("sin"),
+           py::arg("final_norm"), py::arg("layers"), py::arg("keepalive"))
+      .def("step",
+           [](DecodePlan& p, uintptr_t h_in, uintptr_t h_out, int64_t pos, int q4_mode) {
+             check(oe_decode_step_cpu(p.plan, ptr<const float>(h_in), ptr<float>(h_out), pos, q4_mode));
+           },
+           py::arg("h_in"), py::arg("h_out"), py::arg("pos"), py::arg("q4_mode"), release_gil(),
+           "h_in (C,) fp32 -> h_out (C,) after the final norm, K/V written at pos; ValueError if pos >= max_len")
+      .def_readonly("hidden", &DecodePlan::hidden)
+      .def_readonly("max_len", &DecodePlan::max_len);
 }

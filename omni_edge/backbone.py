@@ -11,10 +11,17 @@ Attention runs through `omni_edge.ops.attention` over a KV cache allocated once 
     h = bb.forward(ids, start=0)              # (B, T, hidden) after model.norm; K/V written at 0..T-1
     logits = bb.logits(h[:, -1])              # (B, vocab) fp32
     h = bb.forward(next_ids[:, None], start=T)  # T == 1 runs attention.decode
+
+Decode of one sequence on the CPU (B == 1, T == 1, fp32) runs every layer in one native call
+(csrc/decode: `_C.DecodePlan`, built from the layers' tensors when the cache is allocated and rebuilt after a
+linear is replaced) instead of the Python layer loop, whose per-op dispatch dominates a small model's step.
+Same kernels, same results up to fp32 summation order in the dense matmuls; OMNI_EDGE_NATIVE_DECODE=0 (or
+OMNI_EDGE_NATIVE=0) keeps the Python loop, which stays the reference.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -23,9 +30,13 @@ import torch.nn.functional as F
 from omni_edge.checkpoint import (Checkpoint, GptqParams, Linear as LinearSpec, Tensor as TensorSpec,
                                   decoder_layer_specs, layer_prefix, qweight_from_tensors)
 from omni_edge.config import BackboneConfig
-from omni_edge.ops import attention, q4
+from omni_edge.ops import _dispatch, attention, q4
 
 QUANT_MODES = ("none", "rtn4")
+
+# Bumped whenever a DecoderLayer (re)binds its linears: a Backbone's native decode plan holds their addresses
+# and is rebuilt when this changes.
+_layer_epoch = 0
 RTN_GROUP_SIZES = (128, 64, 32)
 
 # Linears of one decoder layer, names relative to `model.layers.N.`; each group shares its input
@@ -156,6 +167,8 @@ class DecoderLayer:
         self._bind()
 
     def _bind(self) -> None:
+        global _layer_epoch
+        _layer_epoch += 1
         lin = self.linears
         self._packed = self.cfg.packed_qkv
         self._wpack = lin.get("self_attn.W_pack")  # (H*D + 2*Hkv*D, C): rows [q | k | v]
@@ -340,6 +353,10 @@ class Backbone:
         self._cos: Optional[torch.Tensor] = None  # (S, D) fp32
         self._sin: Optional[torch.Tensor] = None
         self._lengths: Optional[torch.Tensor] = None  # (B,) int32, reused by every decode step
+        self._plan = None  # _C.DecodePlan for the current cache and layers, or None
+        self._plan_epoch = -1  # _layer_epoch the plan was built at
+        self._layout_reason: Optional[str] = None  # native_decode_supported's per-tensor verdict ...
+        self._layout_epoch = -1  # ... at this _layer_epoch
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -410,15 +427,108 @@ class Backbone:
         if not isinstance(batch, int) or batch <= 0:
             raise ValueError(f"batch: expected a positive integer, got {batch!r}")
         cfg = self.config
-        self._k = self._v = None  # free the old cache first
+        self._k = self._v = self._plan = None  # free the old cache first (the plan holds it too)
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self._k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._cos, self._sin = rope_tables(cfg.rope_theta, cfg.head_dim, max_len, device=self.device)
         self._lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self._plan = None
+        self._plan_epoch = self._layout_epoch = -1
+        if self.native_decode_supported() is None:
+            self._decode_plan()
 
     def free_cache(self) -> None:
         self._k = self._v = self._cos = self._sin = self._lengths = None
+        self._plan = None
+        self._plan_epoch = self._layout_epoch = -1
+
+    # ---- native decode step -------------------------------------------------------------------
+
+    def native_decode_supported(self) -> Optional[str]:
+        """None when the native CPU decode step (csrc/decode) can serve this backbone and cache, else the
+        reason it cannot (the Python layer loop is used then). The per-tensor part is cached per set of
+        layers: change linears through DecoderLayer.replace_linear / quantize_rtn (which rebuild the plan),
+        not by editing `layer.linears` in place."""
+        if self.device.type != "cpu":
+            return f"device {self.device} (the native decode step runs on cpu)"
+        if self.dtype != torch.float32:
+            return f"dtype {self.dtype} (the native decode step takes float32 activations)"
+        if self._k is None or self.batch != 1:
+            return f"cache batch {self.batch} (the native decode step serves batch 1)"
+        if os.environ.get("OMNI_EDGE_NATIVE_DECODE", "1") == "0":
+            return "OMNI_EDGE_NATIVE_DECODE=0"
+        if not (_dispatch.native_enabled("q4", self.device) and _dispatch.native_enabled("attention", self.device)):
+            return "native kernels disabled (OMNI_EDGE_NATIVE=0 or not built)"
+        if self._layout_epoch != _layer_epoch:  # the per-tensor checks, once per set of layers
+            self._layout_reason = self._native_layout_reason()
+            self._layout_epoch = _layer_epoch
+        return self._layout_reason
+
+    def _native_layout_reason(self) -> Optional[str]:
+        if self.config.head_dim > attention.MAX_NATIVE_HEAD_DIM or self.config.head_dim % 2:
+            return f"head_dim {self.config.head_dim}"
+        dense_ok = lambda t: t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+        if not all(dense_ok(t) for t in (self.norm, self._cos, self._sin)):
+            return "final norm / rope tables not contiguous fp32"
+        for layer in self.layers:
+            if not (dense_ok(layer.input_layernorm) and dense_ok(layer.post_attention_layernorm)):
+                return f"layer {layer.index}: norm weights not contiguous fp32"
+            for name in linear_names(self.config):
+                lin = layer.linears[name]
+                if lin.quantized:
+                    if lin.qweight.device.type != "cpu":
+                        return f"layer {layer.index} {name}: 4-bit weight on {lin.qweight.device}"
+                elif not (dense_ok(lin.weight) and dense_ok(lin.bias)):
+                    return f"layer {layer.index} {name}: dense weight not contiguous fp32"
+        return None
+
+    def _decode_plan(self):
+        """The native plan for the current cache and layers (built once, rebuilt after a linear changes)."""
+        if self._plan is not None and self._plan_epoch == _layer_epoch:
+            return self._plan
+        from omni_edge import _native
+        cfg = self.config
+        keep: list = [self._k, self._v, self._cos, self._sin, self.norm]  # tensors the plan points into
+
+        def linear(lin: Linear):
+            if lin.quantized:
+                keep.append(lin.qweight)  # holds codes, scales, zeros, perm, block_group and the fp32 bias
+                return (2, lin.qweight._handle)
+            keep.extend((lin.weight, lin.bias))
+            return (1, lin.weight.data_ptr(), 0 if lin.bias is None else lin.bias.data_ptr(),
+                    lin.weight.shape[0], lin.weight.shape[1])
+
+        layers = []
+        for i, layer in enumerate(self.layers):
+            keep.extend((layer.input_layernorm, layer.post_attention_layernorm))
+            layers.append((layer.input_layernorm.data_ptr(), layer.post_attention_layernorm.data_ptr(),
+                           [linear(layer.linears[n]) for n in linear_names(cfg)],
+                           self._k[i].data_ptr(), self._v[i].data_ptr()))
+        self._plan = _native.lib().DecodePlan(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+            cfg.intermediate_size, self.max_len, float(cfg.rms_norm_eps), bool(cfg.packed_qkv),
+            self._cos.data_ptr(), self._sin.data_ptr(), self.norm.data_ptr(), layers, keep)
+        self._plan_epoch = _layer_epoch
+        return self._plan
+
+    def decode_step_native(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        """One position through every layer natively: h (1, 1, C) fp32 at position `start` -> (1, 1, C) after
+        the final norm (K/V written at `start`). Raises ValueError when `start` is outside the cache."""
+        reason = self.native_decode_supported()
+        if reason is not None:
+            raise ValueError(f"decode_step_native: not supported here: {reason}")
+        if tuple(h.shape) != (1, 1, self.config.hidden_size) or h.dtype != torch.float32:
+            raise ValueError(f"h: expected a float32 tensor of shape (1, 1, {self.config.hidden_size}), "
+                             f"got {h.dtype} {tuple(h.shape)}")
+        return self._native_step(h, start)
+
+    def _native_step(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        h = h.contiguous()
+        out = torch.empty_like(h)
+        self._decode_plan().step(h.data_ptr(), out.data_ptr(), start,
+                                 q4.MODE_EXACT if q4.exact_default() else q4.MODE_INT8)
+        return out
 
     @property
     def max_len(self) -> int:
@@ -465,6 +575,8 @@ class Backbone:
         if not isinstance(start, int) or start < 0 or start + t > self.max_len:
             raise ValueError(f"start: positions {start}..{start + t - 1} exceed the allocated cache "
                              f"(max_len={self.max_len}); allocate a longer cache")
+        if t == 1 and b == 1 and not h.requires_grad and self.native_decode_supported() is None:
+            return self._native_step(h, start)
         cos, sin = self._cos[start:start + t], self._sin[start:start + t]
         lengths = None
         if t == 1:
