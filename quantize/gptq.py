@@ -136,6 +136,8 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         """x: (..., K) activations, any float dtype; accumulated in fp32."""
+        if self._sum is None:
+            raise ValueError("HessianAccumulator: add() after hessian() was taken")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dim {self.in_features}, got shape {tuple(x.shape)}")
         x2 = x.reshape(-1, self.in_features).to(device=self._sum.device, dtype=torch.float32)
@@ -143,9 +145,14 @@ class HessianAccumulator:
         self.tokens += x2.shape[0]
 
     def hessian(self) -> torch.Tensor:
+        """2/n * sum x x^T. Scales the running sum in place (no second K x K copy), so call it once, after the
+        last `add`."""
         if self.tokens == 0:
             raise ValueError("HessianAccumulator: no calibration tokens were added")
-        return self._sum * (2.0 / self.tokens)
+        if self._sum is None:
+            raise ValueError("HessianAccumulator: hessian() was already taken")
+        h, self._sum = self._sum.mul_(2.0 / self.tokens), None
+        return h
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,19 +181,23 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantResult:
 
 def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float):
     """Upper Cholesky factor U of (H + lambda I)^-1 with lambda = damp * mean(diag H). If H + lambda I is not
-    numerically positive definite, lambda grows (damp + 0.01, + 0.02, ...) until it is; returns (U, damp)."""
-    k = h.shape[0]
-    mean_diag = torch.mean(torch.diag(h)).item()
-    idx = torch.arange(k, device=h.device)
+    numerically positive definite, lambda grows (damp + 0.01, + 0.02, ...) until it is; returns (U, damp).
+
+    Works in place on `h` (its diagonal ends up damped): for a K x K Hessian, at most two more K x K
+    matrices exist at a time (18944^2 fp32 = 1.4 GB each for Qwen2.5-7B's down_proj)."""
+    diag = h.diagonal()
+    diag0 = diag.clone()
+    mean_diag = torch.mean(diag0).item()
     tried = []
     d = damp
     for _ in range(50):
-        hd = h.clone()
-        hd[idx, idx] += d * mean_diag
-        lower, info = torch.linalg.cholesky_ex(hd)
+        diag.copy_(diag0 + d * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0 and torch.isfinite(upper).all():
                 return upper, d
         tried.append(round(d, 4))
@@ -236,7 +247,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
     hinv, damp_used = _upper_cholesky_of_inverse(h, spec.damp)  # (K, K) upper triangular
     del h
 
-    codes = torch.empty(n, k, dtype=torch.float32, device=device)  # in processing order
+    codes = torch.empty(n, k, dtype=torch.uint8, device=device)  # in processing order
     deq = torch.empty(n, k, dtype=torch.float32, device=device)
     g_idx = torch.empty(k, dtype=torch.int32, device=device)
     perm_list = perm.tolist()
@@ -284,7 +295,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
         inv = torch.argsort(perm)
         codes = codes[:, inv]
         deq = deq[:, inv]
-    return QuantResult(q=codes.t().to(torch.uint8).contiguous(), zeros=zeros.to(torch.uint8).contiguous(),
+    return QuantResult(q=codes.t().contiguous(), zeros=zeros.to(torch.uint8).contiguous(),
                        scales=scales.to(torch.float16).contiguous(), g_idx=g_idx.contiguous(),
                        weight=deq, damp_used=damp_used)
 

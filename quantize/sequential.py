@@ -228,9 +228,12 @@ def run_sequential(ckpt: Checkpoint, spec: QuantSpec, *, method: str, calibratio
         with torch.no_grad():
             norm = ckpt.get("model.norm.weight").float().to(dev)
             head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-            head = ckpt.get(head_name).float().to(dev)
+            stored = ckpt.get(head_name)  # (V, C) in the source dtype; one fp32 copy at a time below
+            head = stored.float().to(dev)
             nll_src = sum(_nll(h, ids, norm, head, eps) for h, ids in zip(hs_src, held))
-            norm, head = as_stored(norm), as_stored(head)
+            del head
+            norm, head = as_stored(norm), as_stored(stored).to(dev)
+            del stored
             nll_q = sum(_nll(h, ids, norm, head, eps) for h, ids in zip(hs_q, held))
             del head
         ppl_src, ppl_q = math.exp(nll_src / tokens), math.exp(nll_q / tokens)

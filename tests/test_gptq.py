@@ -107,8 +107,9 @@ def test_dead_inputs_are_zeroed_and_finite():
     x[:, [3, 77]] = 0
     acc = HessianAccumulator(128)
     acc.add(x)
+    h = acc.hessian()
     for spec in (QuantSpec(group_size=32, sym=False), QuantSpec(group_size=32, act_order=True)):
-        res = gptq_quantize(w, acc.hessian(), spec)
+        res = gptq_quantize(w, h, spec)
         assert torch.isfinite(res.weight).all()
         assert torch.equal(res.weight[:, [3, 77]], torch.zeros(w.shape[0], 2))
 
@@ -135,9 +136,11 @@ def test_hessian_accumulator():
     acc = HessianAccumulator(40)
     acc.add(x[:100].reshape(4, 25, 40))
     acc.add(x[100:])
-    torch.testing.assert_close(acc.hessian(), 2 * x.t() @ x / 300, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="last dim 40"):
         acc.add(torch.randn(3, 41))
+    torch.testing.assert_close(acc.hessian(), 2 * x.t() @ x / 300, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already taken"):  # scaled in place: one K x K matrix, taken once
+        acc.hessian()
 
 
 def test_output_error_estimate_matches_direct():
