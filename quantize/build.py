@@ -80,8 +80,9 @@ class QuantizeOptions:
         return self.checkpoint_format or ("gptq" if self.sym else "gptq_v2")
 
     def spec(self) -> QuantSpec:
-        return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,
-                         static_groups=self.static_groups, damp=self.damp)
+        act_order = self.act_order and self.method == "gptq"  # RTN has no column order: recorded as desc_act off
+        return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=act_order,
+                         static_groups=self.static_groups if act_order else None, damp=self.damp)
 
 
 def _check_paths(src: Path, out: Path) -> None:
