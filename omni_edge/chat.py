@@ -17,10 +17,13 @@ interactive mode (no --prompt):
   Type a message and press Enter; the reply streams back as it is generated.
   Multi-line input: end a line with a backslash (\\) to continue on the next line, or
   start a line with """ to open a block that ends at the next line ending in """.
+  /image PATH    attach an image to the next message (repeatable; also /video PATH and /audio PATH);
+                 a message may then be empty (an audio question needs no text)
   /system TEXT   set the system prompt (/system alone removes it); the conversation is kept
-  /reset         forget the conversation and start again
+  /reset         forget the conversation and start again (the system prompt is kept)
   /help          show this help
   /exit          quit (so do /quit and Ctrl-D)
+  //TEXT         send "/TEXT" as a message (a message that itself begins with a slash)
   Ctrl-C stops the reply being written; the conversation goes on.
 '''
 
@@ -42,7 +45,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = INTERACTIVE_HELP
     p.add_argument("--model", metavar="PATH", help="checkpoint folder or edge bundle")
-    p.add_argument("--prompt", metavar="TEXT", help="one-shot: answer TEXT, print only the reply, and exit")
+    p.add_argument("--prompt", metavar="TEXT",
+                   help="one-shot: answer TEXT, print only the reply, and exit; '-' reads the whole of stdin as "
+                        "the prompt. Without --prompt, piped stdin is one prompt (see --interactive)")
+    p.add_argument("--prompt-file", metavar="FILE", help="one-shot: the prompt is the text of FILE (UTF-8)")
+    p.add_argument("--interactive", action="store_true",
+                   help="a conversation read line by line from stdin even when it is not a terminal (scripts)")
+    p.add_argument("--json", action="store_true",
+                   help="one-shot: print the reply, its token counts and timings as one JSON object on stdout")
+    p.add_argument("--context-policy", choices=("drop-oldest", "refuse"), default="drop-oldest",
+                   help="when a conversation fills the context: drop the oldest exchanges (the system prompt is "
+                        "kept), or refuse the message and ask for /reset (default drop-oldest). A reply's length "
+                        "is always clipped to the room left, with a notice")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="attach an image to the (first) message; repeatable. Media come before the text")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="attach a video (1 frame per second, at most 32 frames); repeatable")
+    p.add_argument("--audio", action="append", default=[], metavar="PATH",
+                   help="attach audio (wav, flac, ogg, mp3, m4a, ...); repeatable. With --prompt \"\" the "
+                        "audio alone is the question")
+    p.add_argument("--backend", action="append", default=None, metavar="SPEC",
+                   help="how the dense media stages run: auto (ONNX graph when the bundle has one and onnxruntime "
+                        "imports, else torch), torch, onnx, or STAGE=KIND for one stage (e.g. vision=onnx); "
+                        "repeatable, later values win (default auto)")
     p.add_argument("--system", metavar="TEXT", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
                    help="longest reply in tokens (default 1024)")
@@ -73,9 +98,27 @@ def _peak_rss_mb() -> float:
 
 
 def stats_line(reply) -> str:
-    return (f"stats: prompt_tokens={reply.prompt_tokens} new_tokens={reply.new_tokens} "
+    media = "".join(f" {k}_tokens={reply.media_tokens[k]}" for k in sorted(reply.media_tokens))
+    media += "".join(f" {k}_stage_s={reply.media_s[k]:.3f}" for k in sorted(reply.media_s))
+    return (f"stats: prompt_tokens={reply.prompt_tokens} new_tokens={reply.new_tokens}{media} "
             f"prefill_tok_s={reply.prefill_tok_s:.1f} decode_tok_s={reply.decode_tok_s:.1f} "
             f"peak_rss_mb={_peak_rss_mb():.0f}")
+
+
+MEDIA_COMMANDS = {"/image": "image", "/video": "video", "/audio": "audio"}
+
+
+def message_content(model, text: str, media) -> object:
+    """A message's content: the text alone, or the media parts first (as the reference demos place them)
+    then the text. `media` is [(kind, path)]; each file is read and checked here (ValueError naming it)."""
+    if not media:
+        return text
+    parts = []
+    for kind, path in media:
+        parts.append({"type": kind, kind: model.load_media(kind, path)})
+    if text:
+        parts.append({"type": "text", "text": text})
+    return parts
 
 
 def read_message(read_line: Callable[[str], Optional[str]]) -> Optional[str]:
@@ -108,8 +151,10 @@ def read_message(read_line: Callable[[str], Optional[str]]) -> Optional[str]:
 
 
 def interactive(session, params, read_line: Callable[[str], Optional[str]], out: TextIO, err: TextIO,
-                *, stats: bool = False) -> int:
-    """The read-reply loop. Errors in a turn are reported and the session goes on; EOF or /exit ends it."""
+                *, stats: bool = False, model=None) -> int:
+    """The read-reply loop. Errors in a turn are reported and the session goes on; EOF or /exit ends it.
+    `/image PATH` (and /video, /audio) attach media to the next message; `model` loads them."""
+    pending = []  # [(kind, path)] attached to the next message
     while True:
         try:
             text = read_message(read_line)
@@ -120,15 +165,32 @@ def interactive(session, params, read_line: Callable[[str], Optional[str]], out:
             err.write("\n")
             return 0
         cmd = text.strip()
-        if not cmd:
+        if not cmd and not pending:
             continue
-        if cmd.startswith("/"):
+        if cmd.startswith("//"):
+            text = text.lstrip()[1:]  # the escape: the message is the rest, slash included
+        elif cmd.startswith("/"):
             name, _, arg = cmd.partition(" ")
             if name in ("/exit", "/quit"):
                 return 0
-            if name == "/reset":
+            if name in MEDIA_COMMANDS:
+                kind, path = MEDIA_COMMANDS[name], arg.strip()
+                if not path:
+                    err.write(f"usage: {name} PATH\n")
+                elif model is None:
+                    err.write(f"{name}: this session cannot take media\n")
+                else:
+                    try:
+                        model.check_media(kind)
+                    except ValueError as e:
+                        err.write(f"error: {e}\n")
+                        continue
+                    pending.append((kind, path))
+                    err.write(f"({kind} {path} attached to the next message)\n")
+            elif name == "/reset":
                 session.reset()
-                err.write("(conversation reset)\n")
+                pending = []
+                err.write("(conversation reset; the system prompt is kept)\n")
             elif name == "/system":
                 session.system = arg.strip() or None
                 err.write("(system prompt set)\n" if session.system else "(system prompt removed)\n")
@@ -146,7 +208,15 @@ def interactive(session, params, read_line: Callable[[str], Optional[str]], out:
             out.flush()
 
         try:
-            reply = session.send(text, params, on_text=write)
+            content = message_content(model, text, pending) if pending else text
+        except ValueError as e:
+            err.write(f"error: {e}\n(the attachments were dropped; the conversation is unchanged)\n")
+            pending = []
+            continue
+        pending = []
+        try:
+            reply = session.send(content, params, on_text=write,
+                                 on_notice=lambda t: err.write(f"({t})\n"))
         except KeyboardInterrupt:
             out.write("\n")
             out.flush()
@@ -185,6 +255,41 @@ def _stdin_reader(interactive_tty: bool) -> Callable[[str], Optional[str]]:
     return read_pipe
 
 
+def _one_shot_prompt(args) -> Optional[str]:
+    """The one-shot prompt: --prompt TEXT, --prompt - (all of stdin), --prompt-file FILE, or piped stdin when
+    neither --prompt nor --interactive is given; None for an interactive session."""
+    if args.prompt is not None and args.prompt_file is not None:
+        raise CliError("give --prompt or --prompt-file, not both")
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CliError(f"--prompt-file {args.prompt_file}: {e.strerror if isinstance(e, OSError) else e}") \
+                from None
+    if args.prompt == "-" or (args.prompt is None and not args.interactive and not sys.stdin.isatty()):
+        try:
+            return sys.stdin.read()
+        except UnicodeDecodeError as e:
+            raise CliError(f"stdin is not UTF-8 text: {e}") from None
+    return args.prompt
+
+
+def _reply_json(reply, model) -> str:
+    import json
+
+    return json.dumps({
+        "reply": reply.text, "finish_reason": reply.finish_reason, "prompt_tokens": reply.prompt_tokens,
+        "prefilled_tokens": reply.prefilled_tokens, "new_tokens": reply.new_tokens,
+        "max_new_tokens": reply.max_new_tokens, "media_tokens": reply.media_tokens,
+        "media_s": {k: round(v, 6) for k, v in reply.media_s.items()},
+        "prefill_s": round(reply.prefill_s, 6), "decode_s": round(reply.decode_s, 6),
+        "prefill_tok_s": None if reply.prefill_s <= 0 else round(reply.prefill_tok_s, 3),
+        "decode_tok_s": None if not reply.step_s else round(reply.decode_tok_s, 3),
+        "notices": reply.notices, "model": model.path, "quant": model.quant_label,
+    }, ensure_ascii=False)
+
+
 def run(args) -> int:
     if not args.model:
         sys.stderr.write(NO_MODEL_HELP)
@@ -199,28 +304,44 @@ def run(args) -> int:
                                 repetition_penalty=args.repetition_penalty).validate()
     except ValueError as e:
         raise CliError(str(e)) from None
-    if args.threads is not None and args.threads < 1:
-        raise CliError(f"--threads must be >= 1, got {args.threads}")
+    prompt = _one_shot_prompt(args)
+    if args.json and prompt is None:
+        raise CliError("--json prints one reply: give --prompt, --prompt-file or piped stdin")
+    media = [("image", p) for p in args.image] + [("video", p) for p in args.video] + \
+            [("audio", p) for p in args.audio]
+    if media and prompt is None:
+        raise CliError("--image, --video and --audio attach media to a one-shot --prompt; interactively, use "
+                       "/image PATH, /video PATH or /audio PATH")
+    if prompt is not None and not prompt.strip() and not media:
+        raise CliError("the prompt is empty (an empty prompt is allowed only with --image, --video or --audio)")
     try:
         model = pipeline.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                              max_context=args.max_context, threads=args.threads)
+                              max_context=args.max_context, threads=args.threads, backend=args.backend)
     except pipeline.ModelLoadError as e:
         raise CliError(str(e)) from None
+    for kind in dict.fromkeys(k for k, _ in media):
+        try:
+            model.check_media(kind)
+        except ValueError as e:
+            raise CliError(str(e)) from None
     d = model.describe()
     sys.stderr.write(f"omni-edge: {d['kind']} model, {d['layers']} layers x {d['hidden']} wide, "
                      f"{d['device']} {d['dtype']}, quant {d['quant']}, context {d['max_context']} tokens\n")
     session = model.session(system=args.system, seed=args.seed)
+    session.context_policy = args.context_policy
 
-    if args.prompt is not None:
+    if prompt is not None:
         def write(piece: str) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
         try:
-            reply = session.send(args.prompt, params, on_text=write)
+            content = message_content(model, prompt, media)
+            reply = session.send(content, params, on_text=None if args.json else write,
+                                 on_notice=lambda t: sys.stderr.write(f"omni-edge: {t}\n"))
         except ValueError as e:
             raise CliError(str(e)) from None
-        sys.stdout.write("\n")
+        sys.stdout.write(_reply_json(reply, model) + "\n" if args.json else "\n")
         sys.stdout.flush()
         if args.stats:
             sys.stderr.write(stats_line(reply) + "\n")
@@ -229,4 +350,4 @@ def run(args) -> int:
     tty = sys.stdin.isatty()
     if tty:
         sys.stderr.write('Type a message; /help for commands, """ for multi-line, Ctrl-D to quit.\n')
-    return interactive(session, params, _stdin_reader(tty), sys.stdout, sys.stderr, stats=args.stats)
+    return interactive(session, params, _stdin_reader(tty), sys.stdout, sys.stderr, stats=args.stats, model=model)

@@ -61,6 +61,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`omni-edge chat ... | head`): end quietly, and keep the interpreter's final
+        # flush of stdout from raising again
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

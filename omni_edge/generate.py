@@ -6,8 +6,11 @@
 - `Sampler`: picks the next token on the backbone's device from one row of fp32 logits, with a seeded
   `torch.Generator` and a preallocated context buffer for the penalty; no host synchronisation inside.
 - `ChatSession`: a conversation over one backbone. Each turn renders the whole conversation with the prompt
-  format, keeps the longest prefix the KV cache already holds and prefills only the rest, then decodes until a
-  stop token, a stop string or `max_new_tokens`, streaming text through a callback as it becomes complete.
+  format (a message is text, or text plus images, video and audio), keeps the longest prefix the KV cache
+  already holds and prefills only the rest, then decodes until a stop token, a stop string or
+  `max_new_tokens`, streaming text through a callback as it becomes complete. Prefill runs on token ids when
+  the new positions are all text, and on input embeddings when they hold media rows (the stage's output
+  replaces the pad embeddings). Cache reuse compares media by content digest, not by pad ids.
 
 The decode loop reads one integer per token from the device (the sampled id, needed for stop checks and
 streaming) and allocates nothing big on the host: the input id lives in a preallocated tensor.
@@ -15,14 +18,16 @@ streaming) and allocates nothing big on the host: the input id lives in a preall
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from omni_edge.tokenizer import Message, StreamDecoder, Tokenizer
+from omni_edge.tokenizer import MediaSpan, Message, Rendered, StreamDecoder, Tokenizer, media_of
 
 
 @dataclass
@@ -42,13 +47,13 @@ class SamplingParams:
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1] (1 = off), got {self.top_p!r}")
-        if not self.repetition_penalty > 0:
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
         if any(not s for s in self.stop_strings):
             raise ValueError("stop_strings: empty strings are not allowed")
@@ -196,6 +201,14 @@ class _TextOut:
         self._emit(len(self.text))
 
 
+CONTEXT_POLICIES = ("drop-oldest", "refuse")
+MIN_REPLY_TOKENS = 32  # the reply room a turn must have (or max_new_tokens, if smaller) before it starts
+
+
+class NonFiniteLogitsError(ValueError):
+    """The backbone produced NaN or Inf logits: bad weights or a dtype overflow, never a normal reply."""
+
+
 @dataclass
 class Reply:
     text: str
@@ -206,6 +219,10 @@ class Reply:
     prefill_s: float  # prefill forward + the first sample
     decode_s: float  # wall time of the decode loop (forwards, sampling and streaming)
     step_s: List[float] = field(default_factory=list)  # per decode step: forward + logits + sample + read id
+    media_s: Dict[str, float] = field(default_factory=dict)  # stage time per media kind this turn (encode)
+    media_tokens: Dict[str, int] = field(default_factory=dict)  # prompt positions per media kind
+    notices: List[str] = field(default_factory=list)  # what the session changed to fit the context
+    max_new_tokens: int = 0  # the reply budget in force (max_new_tokens, clipped to what the context holds)
 
     @property
     def new_tokens(self) -> int:
@@ -228,13 +245,23 @@ _CACHE_USER: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 class ChatSession:
     """A conversation with one backbone; the backbone's KV cache holds the conversation so far.
 
-    `cached` lists the tokens whose keys and values are in the cache at positions 0..len-1. A turn renders
-    the whole conversation, reuses the longest common prefix with `cached` and prefills the rest from there
-    (positions past it are simply overwritten), so editing the system prompt or a template that re-renders
-    earlier turns differently stays correct, and the usual case prefills only the new turn."""
+    `cached` holds one key per position whose keys and values are in the cache (the token id, or
+    (id, digest, row) for a media row; see `Rendered.keys`). A turn renders the whole conversation, reuses the
+    longest common prefix with `cached` and prefills the rest from there (positions past it are simply
+    overwritten), so editing the system prompt, a template that re-renders earlier turns differently, or an
+    image swapped for another of the same size stays correct, and the usual case prefills only the new turn.
+
+    `embed_media(spans) -> [Tensor (n_tokens, C)]` turns media spans into backbone input rows (the pipeline
+    gives it; it runs the vision or audio stage). Rows are kept per digest while their message is in the
+    conversation, so a re-prefill does not re-run a stage."""
 
     def __init__(self, backbone, tokenizer: Tokenizer, prompt, *, device, vocab_size: int,
-                 system: Optional[str] = None, seed: Optional[int] = None, prefill_chunk: int = 512):
+                 system: Optional[str] = None, seed: Optional[int] = None, prefill_chunk: int = 512,
+                 embed_media: Optional[Callable[[Sequence[MediaSpan]], List[torch.Tensor]]] = None,
+                 context_policy: str = "drop-oldest"):
+        if context_policy not in CONTEXT_POLICIES:
+            raise ValueError(f"context_policy must be one of {', '.join(CONTEXT_POLICIES)}, got {context_policy!r}")
+        self.context_policy = context_policy
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.prompt = prompt  # BaichuanPrompt | TemplatePrompt
@@ -242,8 +269,10 @@ class ChatSession:
         self.system = system
         self.seed = seed
         self.prefill_chunk = prefill_chunk
+        self.embed_media = embed_media
         self.history: List[Message] = []
-        self.cached: List[int] = []
+        self.cached: List[object] = []
+        self._media_rows: Dict[str, torch.Tensor] = {}  # digest -> (n_tokens, C) backbone input rows
         # lm_head rows past the tokenizer's vocabulary are padding (152064 vs 151702 for Baichuan-Omni):
         # never sample them
         self.vocab_size = min(tokenizer.vocab_size, int(vocab_size))
@@ -267,16 +296,67 @@ class ChatSession:
         """Forget the conversation (the system prompt stays); the RNG restarts from the seed."""
         self.history = []
         self.cached = []
+        self._media_rows = {}
         self._reseed()
 
-    def messages(self, user: Optional[str] = None) -> List[Message]:
+    def messages(self, user=None, *, speak: bool = False) -> List[Message]:
         msgs: List[Message] = []
         if self.system is not None:
             msgs.append({"role": "system", "content": self.system})
         msgs += self.history
         if user is not None:
-            msgs.append({"role": "user", "content": user})
+            msgs.append(self._user_message(user, speak))
         return msgs
+
+    @staticmethod
+    def _user_message(user, speak: bool) -> Message:
+        m: Message = {"role": "user", "content": user if isinstance(user, str) else list(user)}
+        if speak:
+            m["speak"] = True
+        return m
+
+    # ---- prefill --------------------------------------------------------------------------------
+
+    def _rows_for(self, spans: Sequence[MediaSpan], media_s: Dict[str, float]) -> Dict[str, torch.Tensor]:
+        """Backbone input rows of every span, from the per-digest store or the stage (timed per kind)."""
+        todo = [sp for sp in spans if sp.digest not in self._media_rows]
+        if todo:
+            if self.embed_media is None:
+                raise ValueError("this model has no stage for media input (images, video or audio)")
+            t0 = time.perf_counter()
+            rows = self.embed_media(todo)
+            dt = time.perf_counter() - t0
+            for sp, r in zip(todo, rows):
+                if r.shape[0] != sp.n_tokens:
+                    raise RuntimeError(f"{sp.kind} stage returned {r.shape[0]} rows for {sp.n_tokens} positions")
+                self._media_rows[sp.digest] = r
+            for kind in {sp.kind for sp in todo}:  # one batched call: charge its time to each kind it served
+                media_s[kind] = media_s.get(kind, 0.0) + dt / len({sp.kind for sp in todo})
+        return {sp.digest: self._media_rows[sp.digest] for sp in spans}
+
+    def _prefill(self, rendered: Rendered, keep: int, media_s: Dict[str, float]) -> torch.Tensor:
+        """Run positions keep.. of the rendered prompt; returns the last position's hidden state (1, C)."""
+        ids = rendered.ids
+        spans = [sp for sp in rendered.spans if any(a + n > keep for a, n in sp.segments)]
+        new = torch.tensor([ids[keep:]], dtype=torch.long, device=self.device)
+        embeds = None
+        if spans:
+            rows = self._rows_for(spans, media_s)
+            embeds = self.backbone.embed(new)
+            for sp in spans:
+                r, row = rows[sp.digest], 0
+                for a, n in sp.segments:
+                    lo, hi = max(a, keep), a + n
+                    if hi > lo:
+                        embeds[0, lo - keep:hi - keep] = r[row + lo - a:row + n].to(embeds.dtype)
+                    row += n
+        hidden = None
+        for a in range(0, len(ids) - keep, self.prefill_chunk):
+            if embeds is None:
+                hidden = self.backbone.forward(new[:, a:a + self.prefill_chunk], start=keep + a)
+            else:
+                hidden = self.backbone.forward(inputs_embeds=embeds[:, a:a + self.prefill_chunk], start=keep + a)
+        return hidden[:, -1]
 
     def _forward_logits(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Run ids (1, T) at positions start.. ; returns the last position's logits (V,) fp32."""
@@ -286,35 +366,57 @@ class ChatSession:
             hidden = self.backbone.forward(chunk, start=start + a)
         return self.backbone.logits(hidden[:, -1])[0]
 
-    @torch.inference_mode()
-    def send(self, user: str, params: Optional[SamplingParams] = None,
-             on_text: Optional[Callable[[str], None]] = None) -> Reply:
-        """One turn: the user's message in, the assistant's reply out (streamed through `on_text`).
+    def render(self, user=None, *, speak: bool = False) -> Rendered:
+        return self.prompt.render_spans(self.messages(user, speak=speak))
 
-        Raises ValueError, leaving the conversation unchanged, if the prompt plus `max_new_tokens` would not
-        fit the context allocated for this session. If interrupted (KeyboardInterrupt from `on_text` or the
-        user), the reply so far is kept in the conversation and the exception propagates."""
-        params = (params or SamplingParams()).validate()
+    def _claim_cache(self) -> None:
         user_ref = _CACHE_USER.get(self.backbone)
         if user_ref is None or user_ref() is not self:
             self.cached = []
             _CACHE_USER[self.backbone] = weakref.ref(self)
-        ids = self.prompt.render(self.messages(user))
-        need = len(ids) + params.max_new_tokens
-        if need > self.max_len:
-            raise ValueError(f"the prompt ({len(ids)} tokens, conversation so far included) plus max_new_tokens "
-                             f"({params.max_new_tokens}) needs {need} positions, more than the context of "
-                             f"{self.max_len} tokens allocated for this session")
+
+    @torch.inference_mode()
+    def send(self, user, params: Optional[SamplingParams] = None,
+             on_text: Optional[Callable[[str], None]] = None,
+             on_hidden: Optional[Callable[[torch.Tensor], None]] = None,
+             on_notice: Optional[Callable[[str], None]] = None) -> Reply:
+        """One turn: the user's message in (a string, or a list of text and media parts), the assistant's reply
+        out (streamed through `on_text`). `on_hidden(h)`, when given, receives the final-normed hidden state
+        (C,) of the position whose logits chose each token (nothing extra is computed when it is None).
+
+        Context: the reply budget is clipped to what the context holds (a notice says so); when the
+        conversation leaves less than MIN_REPLY_TOKENS of room, the "drop-oldest" policy drops the oldest
+        turns (the system prompt stays) and "refuse" raises ValueError naming /reset. A message that does not
+        fit on its own raises ValueError. Notices go to `on_notice` and `Reply.notices`. Errors leave the
+        conversation unchanged. Non-finite logits raise NonFiniteLogitsError. If interrupted
+        (KeyboardInterrupt from `on_text` or the user), the reply so far is kept and the exception propagates."""
+        params = (params or SamplingParams()).validate()
+        self._claim_cache()
+        notices: List[str] = []
+
+        def notice(text: str) -> None:
+            notices.append(text)
+            if on_notice is not None:
+                on_notice(text)
+
+        rendered, budget = self._fit(user, params, notice)
+        ids, keys = rendered.ids, rendered.keys()
         stop_ids = frozenset(self.prompt.stop_ids) | frozenset(params.stop_ids)
+        if budget < params.max_new_tokens:
+            params = dataclasses.replace(params, max_new_tokens=budget)
         sampler = Sampler(params, self.vocab_size, self.device, capacity=self.max_len)
         sampler.generator.set_state(self._generator_state)
 
         keep = 0
         limit = min(len(self.cached), len(ids) - 1)  # prefill at least one token to get logits
-        while keep < limit and self.cached[keep] == ids[keep]:
+        while keep < limit and self.cached[keep] == keys[keep]:
             keep += 1
 
-        self.history.append({"role": "user", "content": user})
+        media_s: Dict[str, float] = {}
+        media_tokens: Dict[str, int] = {}
+        for sp in rendered.spans:
+            media_tokens[sp.kind] = media_tokens.get(sp.kind, 0) + sp.n_tokens
+        self.history.append(self._user_message(user, False))
         reply_ids: List[int] = []
         out = _TextOut(params.stop_strings, on_text)
         stream: StreamDecoder = self.tokenizer.stream()
@@ -326,12 +428,16 @@ class ChatSession:
         t_decode = t0
         try:
             self.cached = self.cached[:keep]
-            new = torch.tensor([ids[keep:]], dtype=torch.long, device=self.device)
-            logits = self._forward_logits(new, keep)
-            self.cached = list(ids)
+            hidden = self._prefill(rendered, keep, media_s)
+            logits = self.backbone.logits(hidden)[0]
+            if not bool(torch.isfinite(logits).all()):
+                raise NonFiniteLogitsError(self._nonfinite_message(len(ids) - 1))
+            self.cached = list(keys)
             sampler.set_context(ids)
             token = sampler.sample(logits)
             tid = int(token)
+            if on_hidden is not None:
+                on_hidden(hidden[0])
             prefill_s = time.perf_counter() - t0
             t_decode = time.perf_counter()
             while True:
@@ -350,18 +456,74 @@ class ChatSession:
                 self._input.copy_(token.view(1, 1))
                 hidden = self.backbone.forward(self._input, start=len(self.cached))
                 self.cached.append(tid)
-                token = sampler.sample(self.backbone.logits(hidden[:, -1])[0])
+                logits = self.backbone.logits(hidden[:, -1])[0]
+                token = sampler.sample(logits)
                 tid = int(token)
+                if not math.isfinite(float(logits[tid])):  # NaN/Inf weights poison every logit, the chosen too
+                    finish = "error"
+                    raise NonFiniteLogitsError(self._nonfinite_message(len(self.cached) - 1))
+                if on_hidden is not None:
+                    on_hidden(hidden[0, -1])
                 step_s.append(time.perf_counter() - ts)
             if not stopped_by_string:
                 out.add(stream.flush())  # bytes of an unfinished character, if the reply ended inside one
             out.finish()
         finally:
             self._generator_state = sampler.generator.get_state()
-            if finish == "interrupted" and not reply_ids:
+            if finish in ("interrupted", "error") and not reply_ids:
                 self.history.pop()  # nothing was generated: forget the turn (the cache is still consistent)
             else:
                 self.history.append({"role": "assistant", "content": out.text, "ids": list(reply_ids)})
+            self._forget_unused_media()
         return Reply(text=out.text, ids=reply_ids, finish_reason=finish, prompt_tokens=len(ids),
                      prefilled_tokens=len(ids) - keep, prefill_s=prefill_s,
-                     decode_s=time.perf_counter() - t_decode, step_s=step_s)
+                     decode_s=time.perf_counter() - t_decode, step_s=step_s, media_s=media_s,
+                     media_tokens=media_tokens, notices=notices, max_new_tokens=params.max_new_tokens)
+
+    def _nonfinite_message(self, position: int) -> str:
+        return (f"the model produced non-finite logits (NaN or Inf) at position {position}: its weights likely "
+                f"hold NaN or Inf values (check the files with `omni-edge verify`), or the activations overflowed "
+                f"in {getattr(self.backbone, 'dtype', 'this dtype')} (try --dtype float32)")
+
+    def _fit(self, user, params: SamplingParams, notice: Callable[[str], None]) -> Tuple[Rendered, int]:
+        """Render the turn so that the prompt leaves room for a reply: drop the oldest turns (policy
+        "drop-oldest") or refuse, then clip the reply budget to the room left. Returns (rendered, budget)."""
+        want = min(params.max_new_tokens, MIN_REPLY_TOKENS)
+        dropped = 0
+        while True:
+            rendered = self.render(user)
+            n = len(rendered.ids)
+            if n + want <= self.max_len:
+                break
+            if not self.history:
+                raise ValueError(f"the prompt ({n} tokens, conversation so far included) plus max_new_tokens "
+                                 f"({params.max_new_tokens}) needs {n + params.max_new_tokens} positions, more "
+                                 f"than the context of {self.max_len} tokens allocated for this session (a "
+                                 f"reply needs at least {want} of them): shorten the message or raise --max-context")
+            if self.context_policy == "refuse":
+                raise ValueError(f"the conversation ({n} tokens with this message) leaves no room for a reply in "
+                                 f"the context of {self.max_len} tokens: /reset starts a new conversation (the "
+                                 f"system prompt is kept), or raise --max-context")
+            # drop the oldest exchange: a user turn and the assistant turn that answered it
+            cut = 2 if len(self.history) > 1 and self.history[1]["role"] == "assistant" else 1
+            del self.history[:cut]
+            dropped += 1
+        if dropped:
+            notice(f"the conversation outgrew the context of {self.max_len} tokens: dropped the oldest "
+                   f"{dropped} exchange(s) (the system prompt is kept)")
+            self._forget_unused_media()
+        budget = min(params.max_new_tokens, self.max_len - n)
+        if budget < params.max_new_tokens:
+            notice(f"reply limited to {budget} tokens: the prompt takes {n} of the {self.max_len}-token context")
+        return rendered, budget
+
+    def _forget_unused_media(self) -> None:
+        """Drop stored rows of media no longer in the conversation."""
+        if not self._media_rows:
+            return
+        live = set()
+        for m in self.history:
+            live.update(item.digest for _, item in media_of(m.get("content", "")))
+            live.update(sp.digest for sp in m.get("spans", ()))
+        for d in [d for d in self._media_rows if d not in live]:
+            del self._media_rows[d]

@@ -1,8 +1,15 @@
-"""Where the stages meet: open a model folder and hand back a ready text model.
+"""Where the stages meet: open a model folder and hand back a ready model.
 
     model = pipeline.load("path/to/checkpoint", device="cpu", quant="rtn4", max_context=4096)
     chat = model.session(system="Be brief.", seed=0)
     reply = chat.send("What is the capital of France?", SamplingParams(temperature=0), on_text=print)
+    image = model.load_media("image", "photo.jpg")
+    reply = chat.send([{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}])
+
+The backbone is built at load; the media stages (vision tower, audio encoder) are built on first use, so a
+stage that is never used costs no memory (`describe()` says which stages are resident and which backend,
+torch or ONNX, runs each). Media rows reach the backbone through `embed_media`, the one place that turns
+prompt spans into backbone input rows.
 
 `load` accepts a Baichuan-Omni-1.5 checkpoint (`model_type "omni"`), a plain HF Llama/Qwen2 checkpoint, or an
 edge bundle (a folder with `omni_edge.json`; its safetensors are read the same way). It reads the config, the
@@ -13,15 +20,14 @@ line naming the folder and what is wrong.
 
 from __future__ import annotations
 
-import importlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from omni_edge import _native
+from omni_edge import _native, backends
 from omni_edge.config import load_config
 from omni_edge.generate import ChatSession
 from omni_edge.tokenizer import Tokenizer, prompt_format
@@ -56,9 +62,15 @@ def _generation_eos_ids(path: Path) -> List[int]:
     return []
 
 
+# Media kind -> (the checkpoint stages it needs, the config section whose absence means "no such input").
+MEDIA_STAGES = {"image": ("visual", "visual_bridge"), "video": ("visual", "visual_bridge"),
+                "audio": ("audio_encoder", "audio_bridge", "rvq", "audio_embed")}
+
+
 @dataclass
 class TextModel:
-    """Tokenizer + prompt format + backbone (with its KV cache), as loaded from one folder."""
+    """Tokenizer + prompt format + backbone (with its KV cache), as loaded from one folder, and the media
+    stages it has, built on first use."""
 
     path: str
     config: object  # omni_edge.config.ModelConfig
@@ -68,6 +80,11 @@ class TextModel:
     device: object  # torch.device
     quant: str
     max_context: int
+    checkpoint: object = None  # omni_edge.checkpoint.Checkpoint (memory-mapped), for stages built later
+    manifest: Optional[dict] = None  # the bundle manifest, when `path` is an edge bundle
+    backends: Dict[str, str] = field(default_factory=lambda: backends.parse(None))  # stage -> auto|torch|onnx
+    threads: Optional[int] = None
+    _stages: Dict[str, object] = field(default_factory=dict, repr=False)
 
     @property
     def kind(self) -> str:
@@ -87,23 +104,147 @@ class TextModel:
     def session(self, *, system: Optional[str] = None, seed: Optional[int] = None):
         """A new conversation (it takes over the KV cache from any earlier session)."""
         return ChatSession(self.backbone, self.tokenizer, self.prompt, device=self.device,
-                             vocab_size=self.config.backbone.vocab_size, system=system, seed=seed)
+                           vocab_size=self.config.backbone.vocab_size, system=system, seed=seed,
+                           embed_media=self.embed_media if self.media_kinds() else None)
+
+    # ---- media -------------------------------------------------------------------------------------
+
+    def media_kinds(self) -> List[str]:
+        """The media kinds this model takes (none for a plain HF text model)."""
+        if self.kind != "omni" or self.checkpoint is None:
+            return []
+        have = self._stages.get("_present")
+        if have is None:
+            needed = {st for need in MEDIA_STAGES.values() for st in need}
+            have = self._stages["_present"] = {st for st in needed if not self.checkpoint.missing(st)}
+        return [k for k, need in MEDIA_STAGES.items() if all(st in have for st in need)]
+
+    def check_media(self, kind: str) -> None:
+        if kind in self.media_kinds():
+            return
+        if self.kind != "omni":
+            raise ValueError(f"{self.path} is a plain text model ({self.config.raw.get('model_type', '?')}): it "
+                             f"takes no {kind} input; images, video and audio need a Baichuan-Omni checkpoint "
+                             f"or bundle")
+        raise ValueError(f"{self.path} has no {kind} stage (its weights lack "
+                         f"{', '.join(MEDIA_STAGES[kind])}): it cannot take {kind} input")
+
+    def load_media(self, kind: str, path):
+        """Read and preprocess one media file into a prepared item for a message part. Raises ValueError
+        (naming the file and the limit) for bad input; the model and any session are unaffected."""
+        if kind not in MEDIA_STAGES:
+            raise ValueError(f"media kind must be one of {', '.join(MEDIA_STAGES)}, got {kind!r}")
+        self.check_media(kind)
+        if kind == "image":
+            from omni_edge.inputs import load_image
+
+            return load_image(path, self.config.visual, max_tokens=self.max_context)
+        if kind == "video":
+            from omni_edge.inputs import load_video
+
+            return load_video(path, self.config.video, max_tokens=self.max_context)
+        from omni_edge.audio_in import load_audio
+
+        return load_audio(path, self.config.audio, max_tokens=self.max_context)
+
+    def stage(self, name: str):
+        """A media stage, built on first use: "vision" or "audio_encoder"."""
+        got = self._stages.get(name)
+        if got is not None:
+            return got
+        kw = dict(device=self.device, dtype=self.backbone.dtype, backend=self.backends[name],
+                  bundle_dir=self.path if self.manifest is not None else None, manifest=self.manifest,
+                  threads=self.threads)
+        try:
+            if name == "vision":
+                from omni_edge.vision import VisionStage
+
+                got = VisionStage.from_checkpoint(self.checkpoint, self.config, **kw)
+            elif name == "audio_encoder":
+                from omni_edge.audio_in import AudioEncoderStage
+
+                got = AudioEncoderStage.from_checkpoint(self.checkpoint, self.config, **kw)
+            else:
+                raise ValueError(f"unknown stage {name!r}")
+        except (OSError, KeyError) as e:
+            raise ModelLoadError(f"{self.path}: cannot build the {name} stage: {_one_line(e)}") from None
+        self._stages[name] = got
+        return got
+
+    def audio_embed_tables(self) -> List[torch.Tensor]:
+        """The backbone's 8 audio embedding tables (cb_i + 1, C) (`model.audio_embed_layers.{i}.weight`)."""
+        got = self._stages.get("audio_embed")
+        if got is None:
+            names = self.checkpoint.stage("audio_embed")
+            t = self.checkpoint.tensors(names, dtype=self.backbone.dtype, device=self.device)
+            got = self._stages["audio_embed"] = [t[n] for n in names]
+        return got
+
+    def audio_rows(self, codes: torch.Tensor) -> torch.Tensor:
+        """Backbone input rows of audio frames: codes (n, 8) -> sum of the 8 tables' rows (n, C), summed in
+        the model dtype (MODEL.md §1.4, §1.10)."""
+        tables = self.audio_embed_tables()
+        codes = codes.to(device=self.device, dtype=torch.long)
+        if codes.dim() != 2 or codes.shape[1] != len(tables):
+            raise ValueError(f"audio codes: expected shape (n, {len(tables)}), got {tuple(codes.shape)}")
+        out = None
+        for i, tab in enumerate(tables):
+            c = codes[:, i]
+            if int(c.min()) < 0 or int(c.max()) >= tab.shape[0]:
+                raise ValueError(f"audio codes: layer {i} codes must lie in [0, {tab.shape[0]}), got "
+                                 f"[{int(c.min())}, {int(c.max())}]")
+            rows = tab.index_select(0, c)
+            out = rows if out is None else out + rows
+        return out
+
+    def embed_media(self, spans: Sequence) -> List[torch.Tensor]:
+        """Backbone input rows for media spans (one tensor (n_tokens, C) per span, in order): images and
+        video frames go through the vision stage in one batched call, audio through the audio encoder and
+        its RVQ codes, generated speech ("audiogen", already codes) straight to the audio embeddings."""
+        out: List[Optional[torch.Tensor]] = [None] * len(spans)
+        visual = [i for i, sp in enumerate(spans) if sp.kind in ("image", "video")]
+        if visual:
+            rows = self.stage("vision").embed([spans[i].item for i in visual])
+            for i, r in zip(visual, rows):
+                out[i] = r.to(self.backbone.dtype)
+        audio = [i for i, sp in enumerate(spans) if sp.kind == "audio"]
+        if audio:
+            codes = self.stage("audio_encoder").codes([spans[i].item for i in audio])
+            for i, c in zip(audio, codes):
+                out[i] = self.audio_rows(c)
+        for i, sp in enumerate(spans):
+            if sp.kind == "audiogen":
+                out[i] = self.audio_rows(sp.item)
+        return out
+
+    # ---- report ------------------------------------------------------------------------------------
+
+    def stage_report(self) -> Dict[str, str]:
+        """Each media stage of this model: resident with its backend, or not loaded yet."""
+        names = {"image": "vision", "video": "vision", "audio": "audio_encoder"}
+        report = {}
+        for kind in self.media_kinds():
+            name = names[kind]
+            st = self._stages.get(name)
+            report[name] = st.describe() if st is not None else "not loaded (built on first use)"
+        return report
 
     def describe(self) -> Dict[str, object]:
-        """What runs: model shape, device, dtype, quantisation, and which kernels serve each op family."""
+        """What runs: model shape, device, dtype, quantisation, which kernels serve each op family, and the
+        media stages (resident or not, and their backend)."""
         b = self.config.backbone
         return {
             "kind": "Baichuan-Omni" if self.kind == "omni" else f"HF {self.config.raw.get('model_type', '?')}",
             "layers": b.num_hidden_layers, "hidden": b.hidden_size, "heads": b.num_attention_heads,
             "kv_heads": b.num_key_value_heads, "head_dim": b.head_dim, "intermediate": b.intermediate_size,
-            "vocab": b.vocab_size, "device": str(self.device), "dtype": str(getattr(self.backbone, "dtype", "?")),
+            "vocab": b.vocab_size, "device": str(self.device), "dtype": str(self.backbone.dtype),
             "quant": self.quant_label, "max_context": self.max_context, "prompt_format": self.prompt.name,
+            "inputs": ["text"] + self.media_kinds(), "stages": self.stage_report(),
             **kernel_report(self.device, uses_q4=self._uses_q4()),
         }
 
     def _uses_q4(self) -> bool:
-        return any(getattr(lin, "quantized", False) for layer in getattr(self.backbone, "layers", ())
-                   for lin in getattr(layer, "linears", {}).values())
+        return any(lin.quantized for layer in self.backbone.layers for lin in layer.linears.values())
 
 
 def kernel_report(device, *, uses_q4: bool = True) -> Dict[str, object]:
@@ -117,18 +258,18 @@ def kernel_report(device, *, uses_q4: bool = True) -> Dict[str, object]:
         if fam == "q4" and not uses_q4:
             kernels[fam] = "unused (dense weights)"
             continue
-        module = importlib.import_module(f"omni_edge.ops.{fam}")
-        # a family is native-capable once its module defines self_check (the contract of omni_edge.ops)
-        native = hasattr(module, "self_check") and _dispatch.native_enabled(fam, device)
-        kernels[fam] = "native" if native else "torch"
+        kernels[fam] = "native" if _dispatch.native_enabled(fam, device) else "torch"
     isa = _native.lib().build_info()["isa_active"] if _native.available() else "n/a (not built)"
     return {"kernels": kernels, "isa": isa}
 
 
 def set_threads(n: int) -> None:
-    """CPU threads for torch and for the native kernels."""
-    if n < 1:
-        raise ValueError(f"threads must be >= 1, got {n}")
+    """CPU threads for torch and for the native kernels (1 .. the cores this process may use)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not isinstance(n, int) or not 1 <= n <= cores:
+        raise ValueError(f"threads must be an integer from 1 to {cores} (the cores available), got {n!r}")
     torch.set_num_threads(n)
     if _native.available():
         _native.lib().set_num_threads(n)
@@ -140,15 +281,15 @@ def _open_weights(path: Path):
     from omni_edge import bundle
     from omni_edge.checkpoint import Checkpoint
 
-    if bundle.is_bundle(path):
-        bundle.validate(path)
-    return Checkpoint.open(path)
+    manifest = bundle.validate(path) if bundle.is_bundle(path) else None
+    return Checkpoint.open(path), manifest
 
 
 def load(path, *, device="cpu", dtype=None, quant: str = "none", max_context: Optional[int] = None,
-         threads: Optional[int] = None) -> TextModel:
-    """Open a checkpoint or bundle folder as a text model with a KV cache of `max_context` positions
-    (default min(4096, max_position_embeddings))."""
+         threads: Optional[int] = None, backend=None) -> TextModel:
+    """Open a checkpoint or bundle folder as a model with a KV cache of `max_context` positions (default
+    min(4096, max_position_embeddings)). `backend`: `--backend` values for the dense media stages
+    ("auto", "torch", "onnx", "vision=onnx", ...; see omni_edge.backends); stages are built on first use."""
     from omni_edge.backbone import Backbone
 
     path = Path(path)
@@ -158,12 +299,21 @@ def load(path, *, device="cpu", dtype=None, quant: str = "none", max_context: Op
         raise ModelLoadError(f"model path {path} is not a folder (expected a checkpoint or bundle folder)")
     if quant not in QUANT_MODES:
         raise ModelLoadError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
+    try:
+        stage_backends = backends.parse(backend)
+    except backends.BackendError as e:
+        raise ModelLoadError(str(e)) from None
     if threads is not None:
-        set_threads(threads)
+        try:
+            set_threads(threads)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ModelLoadError(f"device {device!r}: {_one_line(e)}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"device {str(device)!r}: omni-edge runs on cpu or cuda[:N] only")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device cuda was asked for, but torch sees no CUDA GPU on this machine")
     if isinstance(dtype, str):
@@ -190,7 +340,7 @@ def load(path, *, device="cpu", dtype=None, quant: str = "none", max_context: Op
         raise ModelLoadError(f"max_context {max_context} exceeds the model's max_position_embeddings ({limit})")
 
     try:
-        ckpt = _open_weights(path)
+        ckpt, manifest = _open_weights(path)
         kwargs = {"device": device, "quant": quant}
         if dtype is not None:
             kwargs["dtype"] = dtype
@@ -199,4 +349,5 @@ def load(path, *, device="cpu", dtype=None, quant: str = "none", max_context: Op
         raise ModelLoadError(f"{path}: {_one_line(e)}") from None
     backbone.allocate_cache(max_context)
     return TextModel(path=str(path), config=config, tokenizer=tokenizer, prompt=prompt, backbone=backbone,
-                     device=device, quant=quant, max_context=max_context)
+                     device=device, quant=quant, max_context=max_context, checkpoint=ckpt, manifest=manifest,
+                     backends=stage_backends, threads=threads)

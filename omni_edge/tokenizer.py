@@ -2,8 +2,12 @@
 
 - `Tokenizer.from_dir(path)`: HF `tokenizers` over the checkpoint's `tokenizer.json`. Special-token ids are looked up by their strings in the
   checkpoint's vocabulary; no id is a constant here.
-- Prompt formats turn a list of messages `{"role": "system"|"user"|"assistant", "content": str}` into token
-  ids, ready for prefill:
+- Prompt formats turn a list of messages into token ids, ready for prefill. A message is
+  `{"role": "system"|"user"|"assistant", "content": str | [part, ...]}`; a part is `{"type": "text", "text": str}`
+  or a media part `{"type": "image"|"video"|"audio", KIND: item}` holding a prepared media item (from
+  `omni_edge.inputs` / `omni_edge.audio_in`: it knows its token count and a content digest). Media parts expand
+  into their spans and `render_spans` returns where the pad runs are, so prefill can put the stage's output
+  rows there:
     * `BaichuanPrompt` (Baichuan-Omni, MODEL.md §2.2): `<B_SYS>{system}<C_Q>{user}<C_A>{assistant}<C_Q>...<C_A>`
       with no end-of-turn tokens.
     * `TemplatePrompt` (plain HF checkpoints): the checkpoint's own jinja chat template.
@@ -15,8 +19,9 @@ from __future__ import annotations
 
 import codecs
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -213,9 +218,86 @@ class StreamDecoder:
 # Prompt formats
 # ------------------------------------------------------------------------------------------------
 
-Message = Dict[str, object]  # {"role": str, "content": str, optional "ids": list[int] for assistant turns}
+# {"role": str, "content": str | [part, ...], optional "speak": bool (user turns: ask for a spoken reply),
+#  optional "ids" + "spans" (assistant turns: the tokens actually fed, and their media spans relative to "ids")}
+Message = Dict[str, object]
 
 _ROLES = ("system", "user", "assistant")
+MEDIA_KINDS = ("image", "video", "audio")
+# "audiogen": generated speech kept in the history as its codes (n, 8); it appears only in assistant "spans".
+SPAN_KINDS = MEDIA_KINDS + ("audiogen",)
+
+
+@dataclass
+class MediaSpan:
+    """Where one media item's rows go in a rendered prompt. `segments` are (start, length) runs of pad
+    positions, in the order the item's embedding rows fill them (a video has one run per frame)."""
+
+    kind: str  # one of SPAN_KINDS
+    item: object  # the prepared media item (VisualInput, AudioInput) or, for "audiogen", a codes tensor (n, 8)
+    digest: str  # content key: two different images never share one
+    segments: List[Tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(n for _, n in self.segments)
+
+    def shifted(self, offset: int) -> "MediaSpan":
+        return MediaSpan(self.kind, self.item, self.digest, [(a + offset, n) for a, n in self.segments])
+
+
+@dataclass
+class Rendered:
+    """A rendered conversation: token ids and the media spans inside them."""
+
+    ids: List[int]
+    spans: List[MediaSpan] = field(default_factory=list)
+
+    def keys(self) -> List[object]:
+        """One key per position for KV-cache reuse: the token id, or (id, digest, row) inside a media span,
+        so identical pad runs of different media never match."""
+        keys: List[object] = list(self.ids)
+        for sp in self.spans:
+            row = 0
+            for a, n in sp.segments:
+                for j in range(n):
+                    keys[a + j] = (self.ids[a + j], sp.digest, row)
+                    row += 1
+        return keys
+
+
+def text_of(content) -> str:
+    """The text of a message's content (a string, or the text parts of a part list, joined)."""
+    if isinstance(content, str):
+        return content
+    return "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+
+
+def media_of(content) -> List[Tuple[str, object]]:
+    """(kind, item) of every media part of a message's content, in order."""
+    if isinstance(content, str):
+        return []
+    return [(p["type"], p[p["type"]]) for p in content if p.get("type") in MEDIA_KINDS]
+
+
+def _check_content(n: int, content) -> None:
+    if isinstance(content, str):
+        return
+    if not isinstance(content, (list, tuple)):
+        raise ValueError(f"messages[{n}]: content must be a string or a list of parts, got {type(content).__name__}")
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"messages[{n}].content[{k}]: a text part needs a string 'text'")
+        elif kind in MEDIA_KINDS:
+            item = part.get(kind)
+            if item is None or not isinstance(getattr(item, "digest", None), str):
+                raise ValueError(f"messages[{n}].content[{k}]: a {kind} part needs a prepared {kind} item "
+                                 f"(load it with the pipeline's input loaders)")
+        else:
+            raise ValueError(f"messages[{n}].content[{k}]: part type must be one of "
+                             f"{('text',) + MEDIA_KINDS}, got {kind!r}")
 
 
 def _check_messages(messages: Sequence[Message]) -> None:
@@ -223,23 +305,35 @@ def _check_messages(messages: Sequence[Message]) -> None:
         role = m.get("role")
         if role not in _ROLES:
             raise ValueError(f"messages[{n}]: role must be one of {_ROLES}, got {role!r}")
-        if not isinstance(m.get("content", ""), str):
-            raise ValueError(f"messages[{n}]: content must be a string, got {type(m.get('content')).__name__}")
+        _check_content(n, m.get("content", ""))
         if role == "system" and n != 0:
             raise ValueError(f"messages[{n}]: a system message may only come first")
+        if role == "system" and media_of(m.get("content", "")):
+            raise ValueError(f"messages[{n}]: a system message holds text only")
+
+
+def has_media(messages: Sequence[Message]) -> bool:
+    return any(media_of(m.get("content", "")) or m.get("spans") for m in messages)
 
 
 class BaichuanPrompt:
     """Baichuan-Omni's demo format (MODEL.md §2.2):
 
-        <B_SYS>{system}<C_Q>{user}<C_A>{assistant}<C_Q>{user}<C_A>
+        <B_SYS>{system}<C_Q>{user}[<audiotext_start_baichuan>]<C_A>{assistant}<C_Q>{user}<C_A>
 
     There are no end-of-turn tokens: the next role prefix starts the next turn, and the reply ends with
     `<|endoftext|>`, which is not part of the history. The reference demos always open with a system entry,
     so `<B_SYS>` is written even when the system text is empty. Role prefixes are emitted as their ids and
     message text is encoded as plain text, so text that happens to spell a special token cannot forge a turn.
-    An assistant message may carry "ids" (the tokens actually generated): they are used as they are, so a
-    conversation's ids stay identical to what the KV cache holds."""
+    An assistant message may carry "ids" (the tokens actually fed, with their media "spans"): they are used as
+    they are, so a conversation's ids stay identical to what the KV cache holds. A user message with
+    "speak": True asks for a spoken reply (`<audiotext_start_baichuan>` before the next `<C_A>`).
+
+    Media parts expand into spans (MODEL.md §1.3, §2.2), with every id looked up in the tokenizer:
+      image: <img_start_baichuan> <img_pad_baichuan> x N <img_end_baichuan>, N = the item's token count;
+      video: per frame <img_start_baichuan> <video_palce_baichuan> x N_f <img_end_baichuan>, frames back to back
+             (no video start/end ids reach the model);
+      audio: <audio_start_baichuan> <audio_pad_baichuan> x N <audio_end_baichuan>, all 30 s pieces in one span."""
 
     name = "baichuan"
 
@@ -256,25 +350,81 @@ class BaichuanPrompt:
         if audiogen is not None:
             stops.append(audiogen)
         self.stop_ids = tuple(stops)
+        self._media_ids: Dict[str, Tuple[int, int, int]] = {}
 
-    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> List[int]:
+    def media_ids(self, kind: str) -> Tuple[int, int, int]:
+        """(start, pad, end) ids of a media kind's span, from the tokenizer (TokenizerError when it lacks one)."""
+        got = self._media_ids.get(kind)
+        if got is None:
+            names = {"image": ("<img_start_baichuan>", "<img_pad_baichuan>", "<img_end_baichuan>"),
+                     "video": ("<img_start_baichuan>", "<video_palce_baichuan>", "<img_end_baichuan>"),
+                     "audio": ("<audio_start_baichuan>", "<audio_pad_baichuan>", "<audio_end_baichuan>"),
+                     "audiotext": ("<audiotext_start_baichuan>",) * 3}[kind]
+            got = self._media_ids[kind] = tuple(self.tok.token_id(n) for n in names)
+        return got
+
+    def _media(self, kind: str, item, base: int, spans: List[MediaSpan]) -> List[int]:
+        start, pad, end = self.media_ids(kind)
+        frames = list(getattr(item, "frame_tokens", None) or []) if kind == "video" else []
+        if not frames:
+            frames = [int(item.n_tokens)]
+        ids: List[int] = []
+        span = MediaSpan(kind, item, item.digest)
+        for n in frames:
+            if n < 1:
+                raise ValueError(f"{kind} {getattr(item, 'source', '')}: no tokens to place")
+            ids.append(start)
+            span.segments.append((base + len(ids), n))
+            ids += [pad] * n
+            ids.append(end)
+        spans.append(span)
+        return ids
+
+    def _content(self, content, base: int, spans: List[MediaSpan]) -> List[int]:
+        if isinstance(content, str):
+            return self.tok.encode(content)
+        ids: List[int] = []
+        for part in content:
+            kind = part["type"]
+            if kind == "text":
+                ids += self.tok.encode(part["text"])
+            else:
+                ids += self._media(kind, part[kind], base + len(ids), spans)
+        return ids
+
+    def render_spans(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> Rendered:
         _check_messages(messages)
         ids: List[int] = [self.sys_id]
+        spans: List[MediaSpan] = []
         body = messages
         if messages and messages[0]["role"] == "system":
-            ids += self.tok.encode(str(messages[0].get("content", "")))
+            ids += self.tok.encode(text_of(messages[0].get("content", "")))
             body = messages[1:]
+        speak = False
         for m in body:
             if m["role"] == "user":
                 ids.append(self.user_id)
-                ids += self.tok.encode(str(m.get("content", "")))
+                ids += self._content(m.get("content", ""), len(ids), spans)
+                speak = bool(m.get("speak"))
             else:
+                if speak:
+                    ids.append(self.media_ids("audiotext")[0])
                 ids.append(self.assistant_id)
                 given = m.get("ids")
-                ids += list(given) if given is not None else self.tok.encode(str(m.get("content", "")))
+                if given is not None:
+                    spans += [sp.shifted(len(ids)) for sp in m.get("spans", ())]
+                    ids += list(given)
+                else:
+                    ids += self._content(m.get("content", ""), len(ids), spans)
+                speak = False
         if add_generation_prompt:
+            if speak:
+                ids.append(self.media_ids("audiotext")[0])
             ids.append(self.assistant_id)
-        return ids
+        return Rendered(ids, spans)
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> List[int]:
+        return self.render_spans(messages, add_generation_prompt=add_generation_prompt).ids
 
 
 class TemplatePrompt:
@@ -323,7 +473,10 @@ class TemplatePrompt:
         from jinja2 import TemplateError
 
         _check_messages(messages)
-        plain = [{"role": m["role"], "content": m.get("content", "")} for m in messages]
+        if has_media(messages):
+            raise ValueError(f"{self.tok.source} is a text model (chat-template prompt format): it takes no "
+                             f"images, video or audio; media need a Baichuan-Omni checkpoint or bundle")
+        plain = [{"role": m["role"], "content": text_of(m.get("content", ""))} for m in messages]
         try:
             return self.template.render(messages=plain, add_generation_prompt=add_generation_prompt,
                                         tools=None, documents=None, **self.variables)
@@ -333,6 +486,9 @@ class TemplatePrompt:
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> List[int]:
         return self.tok.encode(self.render_text(messages, add_generation_prompt=add_generation_prompt),
                                special=True)
+
+    def render_spans(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> Rendered:
+        return Rendered(self.render(messages, add_generation_prompt=add_generation_prompt))
 
 
 def prompt_format(tokenizer: Tokenizer, kind: str, *, eos_ids: Sequence[int] = ()):

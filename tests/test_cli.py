@@ -115,24 +115,27 @@ def test_interactive_commands_multiline_and_reset(tiny, model):
              "again\n"
              "/exit\n"
              "never sent\n")
-    r = omni_edge("chat", "--model", str(tiny), *GREEDY_ARGS, "--max-context", "512", stdin=stdin)
+    r = omni_edge("chat", "--model", str(tiny), *GREEDY_ARGS, "--max-context", "512", "--interactive",
+                  stdin=stdin)
     assert r.returncode == 0, r.stderr
     want = expected_replies(model, ["hello", ("system", "Be brief."), "line one \nline two",
                                     "block a\n\nblock b", ("reset",), "again"])
     assert r.stdout == "".join(w + "\n" for w in want)
-    assert "(system prompt set)" in r.stderr and "(conversation reset)" in r.stderr
+    assert "(system prompt set)" in r.stderr and "(conversation reset; the system prompt is kept)" in r.stderr
     assert "unknown command /bogus" in r.stderr
 
 
 def test_interactive_ends_at_eof(tiny, model):
-    r = omni_edge("chat", "--model", str(tiny), *GREEDY_ARGS, "--max-context", "512", stdin="hello\nagain")
+    r = omni_edge("chat", "--model", str(tiny), *GREEDY_ARGS, "--max-context", "512", "--interactive",
+                  stdin="hello\nagain")
     assert r.returncode == 0, r.stderr
     assert r.stdout == "".join(w + "\n" for w in expected_replies(model, ["hello", "again"]))
 
 
 def test_interactive_error_keeps_the_session(tiny, model):
     stdin = "word " * 200 + "\nhello\n"
-    r = omni_edge("chat", "--model", str(tiny), *GREEDY_ARGS, "--max-context", "64", stdin=stdin)
+    r = omni_edge("chat", "--model", str(tiny), *GREEDY_ARGS, "--max-context", "64", "--interactive",
+                  stdin=stdin)
     assert r.returncode == 0, r.stderr
     assert "error:" in r.stderr and "64 tokens" in r.stderr
     (want,) = expected_replies(model, ["hello"])
@@ -152,7 +155,7 @@ def test_ctrl_c_stops_the_reply_not_the_session(tiny_omni):
     """SIGINT while a long reply streams stops that reply; the next message is answered (and stopped the same
     way, so the test stays short); /exit then ends with code 0."""
     proc = subprocess.Popen([sys.executable, "-m", "omni_edge", "chat", "--model", str(tiny_omni),
-                             "--max-new-tokens", "1500", "--max-context", "2048", "--seed", "0"],
+                             "--max-new-tokens", "1500", "--max-context", "2048", "--seed", "0", "--interactive"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     out, err = bytearray(), bytearray()
 
@@ -308,3 +311,57 @@ def test_demo_runs():
     assert re.search(r"\[quant rtn4\] kernels: q4 (native|torch), attention (native|torch)", out)
     assert re.search(r"CPU kernel level (avx512|avx2|neon|scalar)", out)
     assert len(re.findall(r"decode \d+ steps at [\d.]+ tok/s", out)) == 2
+
+
+# ---- scripting: stdin, files, JSON, pipes, escapes ------------------------------------------------------
+
+def test_prompt_from_stdin_file_and_pipe_is_one_prompt(tiny, model, tmp_path):
+    text = "first line\nsecond line"
+    (want,) = expected_replies(model, [text])
+    f = tmp_path / "prompt.txt"
+    f.write_text(text, encoding="utf-8")
+    for args, stdin in ((["--prompt", "-"], text), (["--prompt-file", str(f)], ""), ([], text)):
+        r = omni_edge("chat", "--model", str(tiny), *GREEDY_ARGS, *args, stdin=stdin)
+        assert r.returncode == 0, (args, r.stderr)
+        assert r.stdout == want + "\n", args
+
+
+def test_json_reply_for_scripts(tiny, model):
+    (want,) = expected_replies(model, ["Hello"])
+    r = omni_edge("chat", "--model", str(tiny), *GREEDY_ARGS, "--prompt", "Hello", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["reply"] == want and out["new_tokens"] == 6 and out["finish_reason"] == "length"
+    assert out["prompt_tokens"] > 0 and out["decode_tok_s"] > 0
+
+
+def test_reader_closing_the_pipe_ends_quietly(tiny):
+    cmd = (f"{shlex_quote(sys.executable)} -m omni_edge chat --model {shlex_quote(str(tiny))} --temperature 0 "
+           f"--max-new-tokens 200 --prompt 'Tell me a long story' | head -c 1")
+    r = subprocess.run(["bash", "-c", "set -o pipefail; " + cmd], capture_output=True, text=True, env=ENV,
+                       timeout=120)
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+    assert r.returncode == 0, r.stderr
+
+
+def shlex_quote(s: str) -> str:
+    import shlex
+    return shlex.quote(s)
+
+
+def test_slash_escape_and_empty_prompt(tiny, model):
+    (want,) = expected_replies(model, ["/usr/bin is a folder"])
+    r = omni_edge("chat", "--model", str(tiny), *GREEDY_ARGS, "--interactive", stdin="//usr/bin is a folder\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n" and "unknown command" not in r.stderr
+    r = omni_edge("chat", "--model", str(tiny), *GREEDY_ARGS, "--prompt", "  ")
+    assert r.returncode == 2 and "the prompt is empty" in r.stderr
+
+
+def test_media_on_a_text_model_is_refused_before_loading_media(tiny, tmp_path):
+    # The byte-level tiny model is omni but its image is unreadable: the error names the file and the
+    # conversation never starts; a plain HF model is refused for taking media at all (test_multimodal_turn).
+    bad = tmp_path / "zero.png"
+    bad.write_bytes(b"")
+    r = omni_edge("chat", "--model", str(tiny), *GREEDY_ARGS, "--prompt", "What is this?", "--image", str(bad))
+    assert r.returncode == 2 and "zero.png" in r.stderr and "Traceback" not in r.stderr

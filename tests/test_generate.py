@@ -212,9 +212,48 @@ def test_context_overflow_is_a_clear_error_and_the_session_goes_on(model):
     msg = str(e.value)
     assert f"{n} tokens" in msg and f"max_new_tokens ({N})" in msg and "256 tokens" in msg
     assert s.history == []
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        s.send("Hi", SamplingParams(max_new_tokens=256))
     assert s.send("Hi", GREEDY).new_tokens == N  # still usable
+
+
+def test_reply_budget_is_clipped_to_the_context_with_a_notice(model):
+    s = session(model)
+    seen = []
+    reply = s.send("Hi", SamplingParams(max_new_tokens=1000, temperature=0, repetition_penalty=1.0),
+                   on_notice=seen.append)
+    n = reply.prompt_tokens
+    assert reply.max_new_tokens == 256 - n and seen == reply.notices
+    assert seen == [f"reply limited to {256 - n} tokens: the prompt takes {n} of the 256-token context"]
+    assert reply.new_tokens <= 256 - n
+
+
+def test_full_context_drops_the_oldest_exchange_or_refuses(model):
+    s = session(model, system="Be brief.")
+    for text in ("first " * 90, "second " * 90):
+        s.send(text, GREEDY)
+    third = "third " * 90
+    s.context_policy = "refuse"
+    with pytest.raises(ValueError, match="/reset"):
+        s.send(third, GREEDY)
+    assert len(s.history) == 4  # unchanged
+    s.context_policy = "drop-oldest"
+    reply = s.send(third, GREEDY)
+    assert any("dropped the oldest 1 exchange" in t for t in reply.notices)
+    assert [m["content"] for m in s.history if m["role"] == "user"] == ["second " * 90, third]
+    # the reply equals a fresh session's reply to the kept conversation
+    fresh = session(model, system="Be brief.")
+    fresh.history = s.history[:2]
+    assert fresh.send(third, GREEDY).ids == reply.ids
+
+
+def test_non_finite_logits_are_an_error_not_an_empty_reply(model):
+    class Poisoned(Recorder):
+        def logits(self, hidden):
+            return torch.full_like(self.bb.logits(hidden), float("nan"))
+
+    s = session(model, backbone=Poisoned(model.backbone))
+    with pytest.raises(ValueError, match="non-finite logits"):
+        s.send("Hi", GREEDY)
+    assert s.history == []
 
 
 def test_multi_turn_reuses_the_cache_and_matches_a_fresh_prefill(model):
