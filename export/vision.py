@@ -17,6 +17,7 @@ fails on it.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import List
 
@@ -78,7 +79,8 @@ def export_one(ctx: ExportContext, precision: str, reference: vision.VisionStage
         raw = scratch / "raw" / name
         raw.parent.mkdir()
         t0 = time.perf_counter()
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is chosen on purpose
             torch.onnx.export(graph, example, str(raw), input_names=INPUTS, output_names=OUTPUTS,
                               dynamic_axes={"patches": {0: "patches"}, "cos": {0: "patches"}, "sin": {0: "patches"},
                                             "segment_ids": {0: "patches"}, "embeddings": {0: "tokens"}},
