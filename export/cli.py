@@ -1,0 +1,85 @@
+"""`omni-edge export BUNDLE --stages vision[,audio_encoder,speech]`: write ONNX graphs into an edge bundle.
+
+Each stage's graph is exported, checked (onnx checker, strict shape inference, TensorRT-ready ops) and
+measured against its torch module in onnxruntime before it is moved into the bundle; the manifest's "graphs"
+table then lists it (file, external data, inputs, outputs, opset, precision, parity) and is rewritten
+atomically. A plain checkpoint folder (no `omni_edge.json`) is refused: the runtime finds graphs only through
+a bundle's manifest, so write a bundle first with `omni-edge quantize`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+# --stages name -> module in this package defining `export(ctx) -> List[GraphFile]`.
+STAGES = {
+    "vision": "vision",
+}
+PRECISIONS = ("float32", "float16")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("bundle", help="an edge bundle folder (with omni_edge.json), written by `omni-edge quantize`")
+    p.add_argument("--stages", default="vision",
+                   help=f"comma-separated stages to export (known: {', '.join(STAGES)}; default: vision)")
+    p.add_argument("--precision", default="float32,float16",
+                   help="comma-separated graph precisions: float32, float16 (default: both)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads for the parity check")
+
+
+def _split(value: str, known, what: str):
+    items = [s.strip() for s in str(value).split(",") if s.strip()]
+    bad = [s for s in items if s not in known]
+    if not items or bad:
+        raise ValueError(f"--{what}: expected a comma-separated subset of {', '.join(known)}, got {value!r}")
+    return list(dict.fromkeys(items))
+
+
+def export_bundle(bundle_dir, stages=("vision",), precisions=PRECISIONS, *, opset: int = 17, threads=None,
+                  log=print, external_data_above=None) -> dict:
+    """Export `stages` into `bundle_dir`; returns the rewritten manifest. ValueError subclasses on bad input."""
+    from omni_edge import bundle
+    from omni_edge.checkpoint import Checkpoint
+
+    from .common import EXTERNAL_DATA_ABOVE, ExportContext, ExportError, write_manifest
+
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise ExportError(f"export: {root} is not a folder")
+    if not bundle.is_bundle(root):
+        raise ExportError(f"export: {root} is not an omni-edge bundle ({bundle.MANIFEST} is missing); write one "
+                          f"with `omni-edge quantize CHECKPOINT {root.name}-bundle` and export into that")
+    if not 11 <= opset <= 21:
+        raise ExportError(f"export: --opset must lie in [11, 21] (LayerNormalization needs 17), got {opset}")
+    manifest = bundle.validate(root)
+    ckpt = Checkpoint.open(root)
+    if ckpt.config.kind != "omni":
+        raise ExportError(f"export: {root} holds a text-only model ({ckpt.config.kind}); it has no vision or "
+                          f"audio stages to export")
+    ctx = ExportContext(bundle_dir=root, manifest=manifest, ckpt=ckpt, config=ckpt.config,
+                        precisions=tuple(precisions), opset=opset, threads=threads, log=log,
+                        external_data_above=EXTERNAL_DATA_ABOVE if external_data_above is None else external_data_above)
+    graphs = []
+    try:
+        for stage in stages:
+            module = importlib.import_module(f".{STAGES[stage]}", __package__)
+            graphs += module.export(ctx)
+    finally:
+        ckpt.close()
+    return write_manifest(root, graphs)
+
+
+def run(args) -> int:
+    from omni_edge.cli import CliError
+
+    try:
+        stages = _split(args.stages, STAGES, "stages")
+        precisions = _split(args.precision, PRECISIONS, "precision")
+        export_bundle(args.bundle, stages, precisions, opset=args.opset, threads=args.threads)
+    except ImportError as e:
+        raise CliError(f"export needs onnx and onnxruntime (pip install onnx onnxruntime): {e}") from None
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    return 0
