@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "chat": ("omni_edge.chat", "chat with a model (interactive, or one-shot with --prompt)"),
     "demo": ("omni_edge.demo", "build a tiny model in a temporary folder and run it end to end"),
     "quantize": ("omni_edge.quantize.cli", "quantize a checkpoint's backbone to 4-bit and write an edge bundle"),
+    "export": ("omni_edge.export.cli", "write ONNX graphs of the dense stages (vision, audio, speech) into a bundle"),
     "info": ("omni_edge.info", "show what was built and what this machine offers"),
 }
 
