@@ -41,10 +41,48 @@ omni-edge chat needs a model: --model PATH (a checkpoint folder or an edge bundl
 """
 
 
+SAMPLING_HELP = """\
+sampling defaults (flags left out), as transformers' generate() uses them for the same folder:
+  the model's generation_config.json gives do_sample, temperature, top_k, top_p, repetition_penalty,
+  max_new_tokens and eos_token_id; a missing key takes transformers' default (do_sample false = greedy,
+  top_k 50, top_p 1, no repetition penalty). Baichuan-Omni checkpoints, whose generation config has no
+  sampling keys, use the reference demo's text settings (T 0.8, top-k 20, top-p 0.85, penalty 1.1).
+  `omni-edge chat --model PATH --help` lists the values in force for PATH and where each comes from.
+"""
+
+
+class _ModelAction(argparse.Action):
+    """--model PATH; also remembers PATH so that a --help after it can list PATH's sampling defaults."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        parser._help_model = values
+
+
+def _defaults_line(model: str) -> str:
+    from pathlib import Path
+
+    from omni_edge.config import load_config
+    from omni_edge.sampling_defaults import from_checkpoint
+
+    try:
+        kind = load_config(Path(model)).kind
+        d = from_checkpoint(model, kind)
+    except (OSError, ValueError) as e:
+        return f"sampling defaults for {model}: unavailable ({' '.join(str(e).split())})"
+    return f"sampling defaults for {model}: {d.summary()}; eos ids {list(d.eos_ids)} [{d.eos_source}]"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = INTERACTIVE_HELP
-    p.add_argument("--model", metavar="PATH", help="checkpoint folder or edge bundle")
+    p.epilog = INTERACTIVE_HELP + "\n" + SAMPLING_HELP
+    p.add_argument("--model", metavar="PATH", action=_ModelAction, help="checkpoint folder or edge bundle")
+    plain_help = p.format_help
+
+    def format_help() -> str:  # `chat --model PATH --help` adds the values in force for PATH
+        model = getattr(p, "_help_model", None)
+        return plain_help() + (f"\n{_defaults_line(model)}\n" if model else "")
+    p.format_help = format_help
     p.add_argument("--prompt", metavar="TEXT",
                    help="one-shot: answer TEXT, print only the reply, and exit; '-' reads the whole of stdin as "
                         "the prompt. Without --prompt, piped stdin is one prompt (see --interactive)")
@@ -69,14 +107,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "imports, else torch), torch, onnx, or STAGE=KIND for one stage (e.g. vision=onnx); "
                         "repeatable, later values win (default auto)")
     p.add_argument("--system", metavar="TEXT", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
-                   help="longest reply in tokens (default 1024)")
-    p.add_argument("--temperature", type=float, default=0.8, metavar="T",
-                   help="sampling temperature; 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=20, metavar="K", help="keep the K likeliest tokens; 0 = off (default 20)")
-    p.add_argument("--top-p", type=float, default=0.85, metavar="P", help="nucleus sampling mass; 1 = off (default 0.85)")
-    p.add_argument("--repetition-penalty", type=float, default=1.1, metavar="R",
-                   help="penalty on tokens already in the context; 1 = off (default 1.1, also under greedy)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="longest reply in tokens (default: the model's generation_config.json, else 1024)")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="sampling temperature; 0 = greedy, plain argmax unless --repetition-penalty is also "
+                        "given (default: the model's generation config; see 'sampling defaults' below)")
+    p.add_argument("--top-k", type=int, metavar="K",
+                   help="keep the K likeliest tokens; 0 = off (default: the model's generation config)")
+    p.add_argument("--top-p", type=float, metavar="P",
+                   help="nucleus sampling mass; 1 = off (default: the model's generation config)")
+    p.add_argument("--repetition-penalty", type=float, metavar="R",
+                   help="penalty on tokens already in the context; 1 = off (default: the model's generation "
+                        "config, else none)")
     p.add_argument("--seed", type=int, metavar="S", help="random seed, for reproducible sampling")
     p.add_argument("--device", default="cpu", metavar="DEV", help="cpu or cuda (cuda:N for another GPU); default cpu")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
@@ -298,10 +340,10 @@ def run(args) -> int:
     from omni_edge import pipeline
     from omni_edge.generate import SamplingParams
 
-    try:
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p,
-                                repetition_penalty=args.repetition_penalty).validate()
+    flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+             "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
+    try:  # bad flags fail before the model loads; the values in force are resolved against it below
+        SamplingParams(**{k: v for k, v in flags.items() if v is not None}).validate()
     except ValueError as e:
         raise CliError(str(e)) from None
     prompt = _one_shot_prompt(args)
@@ -324,9 +366,15 @@ def run(args) -> int:
             model.check_media(kind)
         except ValueError as e:
             raise CliError(str(e)) from None
+    try:
+        sampling = model.sampling_defaults.resolve(**flags)
+        params = sampling.params()
+    except ValueError as e:
+        raise CliError(str(e)) from None
     d = model.describe()
     sys.stderr.write(f"omni-edge: {d['kind']} model, {d['layers']} layers x {d['hidden']} wide, "
                      f"{d['device']} {d['dtype']}, quant {d['quant']}, context {d['max_context']} tokens\n")
+    sys.stderr.write(f"omni-edge: sampling {sampling.summary()}\n")
     session = model.session(system=args.system, seed=args.seed)
     session.context_policy = args.context_policy
 

@@ -20,7 +20,6 @@ line naming the folder and what is wrong.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -28,6 +27,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from omni_edge import _native, backends
+from omni_edge.sampling_defaults import from_checkpoint as sampling_defaults_of
 from omni_edge.config import load_config
 from omni_edge.generate import ChatSession
 from omni_edge.tokenizer import Tokenizer, prompt_format
@@ -43,23 +43,6 @@ class ModelLoadError(ValueError):
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text or type(e).__name__
-
-
-def _generation_eos_ids(path: Path) -> List[int]:
-    """eos_token_id(s) from generation_config.json (an int or a list), if the file exists."""
-    f = path / "generation_config.json"
-    if not f.is_file():
-        return []
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ModelLoadError(f"cannot read generation_config.json in {path}: {_one_line(e)}") from None
-    eos = data.get("eos_token_id") if isinstance(data, dict) else None
-    if isinstance(eos, int):
-        return [eos]
-    if isinstance(eos, list):
-        return [i for i in eos if isinstance(i, int)]
-    return []
 
 
 # Media kind -> (the checkpoint stages it needs, the config section whose absence means "no such input").
@@ -85,6 +68,7 @@ class TextModel:
     backends: Dict[str, str] = field(default_factory=lambda: backends.parse(None))  # stage -> auto|torch|onnx
     threads: Optional[int] = None
     _stages: Dict[str, object] = field(default_factory=dict, repr=False)
+    sampling_defaults: object = None  # omni_edge.sampling_defaults.SamplingDefaults (generation_config.json)
 
     @property
     def kind(self) -> str:
@@ -94,6 +78,10 @@ class TextModel:
     def quant_label(self) -> str:
         """How the backbone's linears are held: rtn4 (rounded at load), the checkpoint's own 4-bit format
         (a bundle or GPTQ checkpoint), or dense."""
+        if self.quant == "rtn4":
+            from omni_edge.backbone import rtn_grid_of
+
+            return f"rtn4 ({rtn_grid_of(self.backbone.layers)})"
         if self.quant != "none":
             return self.quant
         q = self.config.quantization
@@ -240,6 +228,7 @@ class TextModel:
             "vocab": b.vocab_size, "device": str(self.device), "dtype": str(self.backbone.dtype),
             "quant": self.quant_label, "max_context": self.max_context, "prompt_format": self.prompt.name,
             "inputs": ["text"] + self.media_kinds(), "stages": self.stage_report(),
+            "sampling": self.sampling_defaults.describe() if self.sampling_defaults is not None else None,
             **kernel_report(self.device, uses_q4=self._uses_q4()),
         }
 
@@ -326,8 +315,9 @@ def load(path, *, device="cpu", dtype=None, quant: str = "none", max_context: Op
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: {_one_line(e)}") from None
     try:
+        defaults = sampling_defaults_of(path, config.kind)
         tokenizer = Tokenizer.from_dir(path)
-        prompt = prompt_format(tokenizer, config.kind, eos_ids=_generation_eos_ids(path))
+        prompt = prompt_format(tokenizer, config.kind, eos_ids=defaults.eos_ids)
     except (OSError, ValueError) as e:
         raise ModelLoadError(_one_line(e)) from None
 
@@ -350,4 +340,4 @@ def load(path, *, device="cpu", dtype=None, quant: str = "none", max_context: Op
     backbone.allocate_cache(max_context)
     return TextModel(path=str(path), config=config, tokenizer=tokenizer, prompt=prompt, backbone=backbone,
                      device=device, quant=quant, max_context=max_context, checkpoint=ckpt, manifest=manifest,
-                     backends=stage_backends, threads=threads)
+                     backends=stage_backends, threads=threads, sampling_defaults=defaults)
