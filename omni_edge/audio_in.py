@@ -275,9 +275,9 @@ class AudioBridge(torch.nn.Module):
         return self.grouped(x4)[: t // self.pool]
 
 
-def load_modules(tensors: dict, a: AudioConfig, *, layers: Optional[int] = None) -> Tuple[AudioEncoder, AudioBridge]:
-    """Build the encoder and bridge from checkpoint tensors (names of checkpoint.stage_specs "audio_encoder" and
-    "audio_bridge"); `layers` keeps only the first N encoder layers (benchmarks)."""
+def load_encoder(tensors: dict, a: AudioConfig, *, layers: Optional[int] = None) -> AudioEncoder:
+    """The encoder from checkpoint tensors (names of checkpoint.stage_specs "audio_encoder"; sizes from `a`);
+    `layers` keeps only the first N layers (benchmarks)."""
     n_layers = a.encoder_layers if layers is None else layers
     p = "audio_tokenizer.audio_model."
     enc = AudioEncoder(a.num_mel_bins, a.d_model, n_layers, a.encoder_attention_heads, a.encoder_ffn_dim,
@@ -293,13 +293,18 @@ def load_modules(tensors: dict, a: AudioConfig, *, layers: Optional[int] = None)
                 name = ".".join(parts[:2] + [x for x in parts[2:] if x != "self_attn"])
             sd[name] = v
     enc.load_state_dict(sd, strict=True)
+    return enc
+
+
+def load_bridge(tensors: dict, a: AudioConfig) -> AudioBridge:
+    """The bridge from checkpoint tensors (names of checkpoint.stage_specs "audio_bridge")."""
     q = "audio_tokenizer.audio_bridge_model."
     bridge = AudioBridge(a.d_model, a.avg_pooler)
     bridge.load_state_dict({"gate_proj": tensors[q + "gate_proj.weight"], "up_proj": tensors[q + "up_proj.weight"],
                             "down_proj.weight": tensors[q + "down_proj.weight"],
                             "layer_norm.weight": tensors[q + "layer_norm.weight"],
                             "layer_norm.bias": tensors[q + "layer_norm.bias"]}, strict=True)
-    return enc, bridge
+    return bridge
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,7 +354,7 @@ class AudioEncoderStage(torch.nn.Module):
             raise ValueError("audio encoder: the checkpoint's config has no audio_config")
         device = torch.device(device)
         tensors = {**ckpt.stage_tensors("audio_encoder", dtype=dtype), **ckpt.stage_tensors("audio_bridge", dtype=dtype)}
-        enc, bridge = load_modules(tensors, a)
+        enc, bridge = load_encoder(tensors, a), load_bridge(tensors, a)
         books = [ckpt.get(f"audio_tokenizer.audio_bridge_model.vq_list.{i}.codebook.embed", dtype=torch.float32)
                  for i in range(len(a.codebook_sizes))]
         pick = backends.resolve("audio_encoder", backend, bundle_dir, manifest, str(device), str(dtype))

@@ -50,8 +50,33 @@ class DecodeError(ValueError):
 # Decoding
 # ------------------------------------------------------------------------------------------------
 
+def _wav_shortfall(path: str) -> int:
+    """Bytes missing from a RIFF/WAVE file's data chunk (0 when complete, not a WAV, or size left open)."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return 0
+        size = f.seek(0, 2)
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            cid, n = struct.unpack("<4sI", f.read(8))
+            if cid == b"data":
+                if n in (0, 0xFFFFFFFF):  # streamed writers leave the size open
+                    return 0
+                return max(0, pos + 8 + n - size)
+            pos += 8 + n + (n & 1)
+    return 0
+
+
 def _read_soundfile(path: str):
     import soundfile as sf
+
+    missing = _wav_shortfall(path)
+    if missing:
+        raise DecodeError(f"truncated: the WAV data chunk is {missing} bytes shorter than its header says")
 
     with sf.SoundFile(path) as f:
         frames_hdr = f.frames
@@ -213,8 +238,8 @@ def valid_frames(samples: int) -> int:
     return min(CHUNK_FRAMES, samples // HOP + 1)
 
 
-def log_mel(wave: torch.Tensor, n_mels: int) -> torch.Tensor:
-    """One piece (n <= 480000 samples at 16 kHz) -> (n_mels, valid_frames(n)) fp32 (module docstring)."""
+def log_mel_padded(wave: torch.Tensor, n_mels: int) -> torch.Tensor:
+    """One piece (n <= 480000 samples at 16 kHz) zero-padded to 30 s -> all 3000 frames (n_mels, 3000) fp32."""
     n = wave.shape[0]
     if n > CHUNK_SAMPLES:
         raise ValueError(f"log_mel: a piece holds at most {CHUNK_SAMPLES} samples (30 s), got {n}")
@@ -225,4 +250,9 @@ def log_mel(wave: torch.Tensor, n_mels: int) -> torch.Tensor:
     mel = mel_filters(n_mels) @ power
     logm = torch.clamp(mel, min=1e-10).log10()
     logm = torch.maximum(logm, logm.max() - 8.0)
-    return ((logm + 4.0) / 4.0)[:, :valid_frames(n)].contiguous()
+    return (logm + 4.0) / 4.0
+
+
+def log_mel(wave: torch.Tensor, n_mels: int) -> torch.Tensor:
+    """One piece (n <= 480000 samples at 16 kHz) -> (n_mels, valid_frames(n)) fp32 (module docstring)."""
+    return log_mel_padded(wave, n_mels)[:, :valid_frames(wave.shape[0])].contiguous()
