@@ -133,6 +133,7 @@ def _whisper_pair(n_mels=128, d=64, heads=4, layers=2, ffn=96, seed=0):
     return hf, audio_in.load_encoder(ours, a).eval()
 
 
+@pytest.mark.slow
 @torch.inference_mode()
 def test_encoder_matches_transformers_whisper_encoder():
     hf, enc = _whisper_pair()
