@@ -119,10 +119,10 @@ def test_encode_random(dtype, t):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_encode_blocking_edges(dtype):
-    # The screening GEMM's blocking (csrc/rvq/rvq_cpu.cpp): 192 frames per pass, register tiles of 6 frames,
-    # 128-row work items packed in panels of 16 (AVX2) / 32 (AVX-512) rows, 256-dim slices. 197 frames,
+    # The screening GEMM's blocking (csrc/rvq/rvq_cpu.cpp): 384 frames per pass, register tiles of 6 frames,
+    # 128-row work items packed in panels of 16 (AVX2) / 32 (AVX-512) rows, 256-dim slices. 389 frames,
     # dim 300 (one full and one partial slice) and 130 / 17 / 1 rows put every edge in play.
-    sizes, d, t = (130, 17, 1, 129), 300, 197
+    sizes, d, t = (130, 17, 1, 129), 300, 389
     books = R.Codebooks(make_books(sizes, d, dtype, seed=77))
     g = torch.Generator().manual_seed(78)
     x = torch.randn(t, d, generator=g) * 1.2

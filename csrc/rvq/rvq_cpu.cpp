@@ -217,7 +217,7 @@ extern "C" oe_status oe_rvq_encode_cpu(const float* x, int64_t T, const oe_rvq_b
   // Blocking of the screening GEMM S (frames x rows) = R (frames x D) . C^T: a work item is a block of kNB
   // codebook rows; its rows are packed kKC dims at a time into panels of NR rows (kKC x NR, interleaved,
   // converted to fp32) and multiplied with every frame group of kMR frames by the register-tile kernel.
-  constexpr int64_t kFrames = 192;  // frames per pass (S holds kFrames x rows)
+  constexpr int64_t kFrames = 384;  // frames per pass (S holds kFrames x rows): a 30 s piece (375) in one
   constexpr int64_t kNB = 128;      // codebook rows per work item (a multiple of every NR)
   constexpr int64_t kKC = 256;      // dims per packed slice (a panel of 16 rows is 16 KiB: L1)
   const int64_t NR = K.nr;
