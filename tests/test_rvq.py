@@ -117,6 +117,22 @@ def test_encode_random(dtype, t):
     assert torch.equal(R.encode(x.to(dtype), books), R.encode_ref(x.to(dtype).float(), books))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_encode_blocking_edges(dtype):
+    # The screening GEMM's blocking (csrc/rvq/rvq_cpu.cpp): 384 frames per pass, register tiles of 6 frames,
+    # 128-row work items packed in panels of 16 (AVX2) / 32 (AVX-512) rows, 256-dim slices. 389 frames,
+    # dim 300 (one full and one partial slice) and 130 / 17 / 1 rows put every edge in play.
+    sizes, d, t = (130, 17, 1, 129), 300, 389
+    books = R.Codebooks(make_books(sizes, d, dtype, seed=77))
+    g = torch.Generator().manual_seed(78)
+    x = torch.randn(t, d, generator=g) * 1.2
+    want = R.encode_ref(x, books)
+    for isa in ISAS:
+        C.set_isa_cap(isa)
+        got = R.encode(x, books)
+        assert torch.equal(got, want), f"[{isa}] codes differ at {(got != want).nonzero()[:5].tolist()}"
+
+
 def grid_values(g, shape, denom=16):
     """Random values on a coarse binary grid: exact in every dtype, so sums of squares are exact in fp64."""
     return torch.randint(-2 * denom, 2 * denom + 1, shape, generator=g).float() / denom

@@ -36,6 +36,8 @@ struct VecAvx2 {
   static constexpr int W = 8;
   static reg zero() { return _mm256_setzero_ps(); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static reg broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static void store(float* p, reg x) { _mm256_storeu_ps(p, x); }
   static reg load_part(const float* p, int n) {
     alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int i = 0; i < n; ++i) tmp[i] = p[i];
@@ -99,10 +101,14 @@ void add_row(float* acc, const void* row, oe_dtype dt, int64_t n) {
   for (; d < n; ++d) acc[d] += elem(p + d * es, dt);
 }
 
+void gemm_tile(const float* r, int64_t ldr, int mt, const float* pc, int kc, float* s, int64_t lds, int accumulate) {
+  gemm_tile_impl<VecAvx2>(r, ldr, mt, pc, kc, s, lds, accumulate);
+}
+
 }  // namespace
 
 const Kernels& kernels_avx2() {
-  static const Kernels k = {8, &dots, &exact_dist, &add_row};
+  static const Kernels k = {8, &dots, &exact_dist, &add_row, &gemm_tile, 16};
   return k;
 }
 

@@ -15,6 +15,8 @@ struct VecAvx512 {
   static constexpr int W = 16;
   static reg zero() { return _mm512_setzero_ps(); }
   static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static reg broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static void store(float* p, reg x) { _mm512_storeu_ps(p, x); }
   static reg load_part(const float* p, int n) { return _mm512_maskz_loadu_ps(first(n), p); }
   static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static float hsum(reg x) { return _mm512_reduce_add_ps(x); }
@@ -67,10 +69,14 @@ void add_row(float* acc, const void* row, oe_dtype dt, int64_t n) {
   }
 }
 
+void gemm_tile(const float* r, int64_t ldr, int mt, const float* pc, int kc, float* s, int64_t lds, int accumulate) {
+  gemm_tile_impl<VecAvx512>(r, ldr, mt, pc, kc, s, lds, accumulate);
+}
+
 }  // namespace
 
 const Kernels& kernels_avx512() {
-  static const Kernels k = {16, &dots, &exact_dist, &add_row};
+  static const Kernels k = {16, &dots, &exact_dist, &add_row, &gemm_tile, 32};
   return k;
 }
 

@@ -1,5 +1,6 @@
 // CPU RVQ: argument checks, the portable inner loops, ISA dispatch and the decode / encode drivers
-// (OpenMP over frames x dims for decode, over codebook rows then frames for encode).
+// (OpenMP over frames x dims for decode; encode: a packed, register-tiled screening GEMM over blocks of
+// codebook rows, then an exact per-frame decision).
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -96,6 +97,17 @@ void add_row_scalar(float* acc, const void* row, oe_dtype dt, int64_t n) {
   for (int64_t d = 0; d < n; ++d) acc[d] += elem(p + d * es, dt);
 }
 
+void gemm_tile_scalar(const float* r, int64_t ldr, int mt, const float* pc, int kc, float* s, int64_t lds,
+                      int accumulate) {
+  constexpr int NR = 16;
+  for (int t = 0; t < mt; ++t)
+    for (int j = 0; j < NR; ++j) {
+      float acc = accumulate ? s[t * lds + j] : 0.0f;
+      for (int k = 0; k < kc; ++k) acc += r[t * ldr + k] * pc[k * NR + j];
+      s[t * lds + j] = acc;
+    }
+}
+
 const Kernels& pick() {
 #if defined(OE_ARCH_X86)
   switch (isa_active()) {
@@ -114,7 +126,7 @@ const char* row_ptr(const oe_rvq_books* b, int l, int64_t i) {
 }  // namespace
 
 const Kernels& kernels_scalar() {
-  static const Kernels k = {1, &dots_scalar, &exact_dist_scalar, &add_row_scalar};
+  static const Kernels k = {1, &dots_scalar, &exact_dist_scalar, &add_row_scalar, &gemm_tile_scalar, 16};
   return k;
 }
 
@@ -192,44 +204,83 @@ extern "C" oe_status oe_rvq_encode_cpu(const float* x, int64_t T, const oe_rvq_b
     norms[l] = nv.data();
   }
 
-  // Rigorous bound on the screen's error: each fp32 dot product is accumulated in `lanes` lanes of
-  // ceil(D / lanes) terms, a tail of fewer than `lanes` terms and a reduction over the lanes, so no addition
-  // chain is longer than k = ceil(D / lanes) + lanes + 8, and |fl(r.c) - r.c| <= gamma_k sum|r_d c_d|
-  // <= gamma_k ||r|| ||c|| (gamma_k = k u / (1 - k u), u = 2^-24). With ||c||^2 stored within one ulp
-  // (2 u ||c||^2) and the final subtraction's rounding (u |s|), s = ||c||^2 - 2 r.c is within
+  // Rigorous bound on the screen's error. Every dot product r.c is one sequential fp32 chain of D
+  // multiply-adds (Kernels::gemm_tile), so |fl(r.c) - r.c| <= gamma_k sum|r_d c_d| <= gamma_k ||r|| ||c|| with
+  // k = D + 9 (gamma_k = k u / (1 - k u), u = 2^-24; the slack covers non-FMA builds). With ||c||^2 stored
+  // within one ulp (2 u ||c||^2) and the final subtraction's rounding (u |s|), s = ||c||^2 - 2 r.c is within
   //   E = 2 u ||c||^2 + 2 gamma_k ||r|| ||c|| + u |s|
   // of its exact value; the kernel uses twice that.
   const double u = 1.0 / 16777216.0;
-  const double k = static_cast<double>((D + K.lanes - 1) / K.lanes + K.lanes + 8);
+  const double k = static_cast<double>(D + 9);
   const double gamma = k * u / (1.0 - k * u);
 
-  constexpr int64_t kFrames = 64;  // frames screened together (each codebook row is read once per 8 of them)
-  constexpr int64_t kRows = 16;    // codebook rows per work item
+  // Blocking of the screening GEMM S (frames x rows) = R (frames x D) . C^T: a work item is a block of kNB
+  // codebook rows; its rows are packed kKC dims at a time into panels of NR rows (kKC x NR, interleaved,
+  // converted to fp32) and multiplied with every frame group of kMR frames by the register-tile kernel.
+  constexpr int64_t kFrames = 384;  // frames per pass (S holds kFrames x rows): a 30 s piece (375) in one
+  constexpr int64_t kNB = 128;      // codebook rows per work item (a multiple of every NR)
+  constexpr int64_t kKC = 256;      // dims per packed slice (a panel of 16 rows is 16 KiB: L1)
+  const int64_t NR = K.nr;
   std::vector<float> resid(x, x + T * D);
   std::vector<float> sbuf(static_cast<size_t>(kFrames * nmax));
-  std::vector<double> lobuf(static_cast<size_t>(kFrames * nmax));
+  std::vector<float> cn(static_cast<size_t>(nmax));  // sqrt of the row norms of the current layer
   float* const S = sbuf.data();
-  double* const LO = lobuf.data();
   float* const R = resid.data();
+  int nthreads = 1;
+#if defined(OE_WITH_OPENMP)
+  nthreads = omp_get_max_threads();
+#endif
+  std::vector<float> pack_all(static_cast<size_t>(nthreads * kNB * kKC));
+  std::vector<float> tile_all(static_cast<size_t>(nthreads * kFrames * kNB));
 
   for (int64_t t0 = 0; t0 < T; t0 += kFrames) {
     const int nt = static_cast<int>(T - t0 < kFrames ? T - t0 : kFrames);
     for (int l = 0; l < L; ++l) {
       const int64_t n = books->sizes[l];
-      const int64_t nblk = (n + kRows - 1) / kRows;
+      const int64_t nblk = (n + kNB - 1) / kNB;
+      for (int64_t i = 0; i < n; ++i) cn[static_cast<size_t>(i)] = std::sqrt(norms[l][i]);
       // Screen: s[t][i] = ||c_i||^2 - 2 r_t . c_i for every row.
 #if defined(OE_WITH_OPENMP)
-#pragma omp parallel for schedule(dynamic, 4)
+#pragma omp parallel for schedule(dynamic, 1)
 #endif
       for (int64_t blk = 0; blk < nblk; ++blk) {
-        const int64_t i0 = blk * kRows, nr = n - i0 < kRows ? n - i0 : kRows;
-        for (int ts = 0; ts < nt; ts += 8) {
-          const int m = nt - ts < 8 ? nt - ts : 8;
-          float* s = S + ts * nmax + i0;
-          K.dots(R + (t0 + ts) * D, m, row_ptr(books, l, i0), dt, nr, D, s, nmax);
-          for (int t = 0; t < m; ++t)
-            for (int64_t i = 0; i < nr; ++i) s[t * nmax + i] = norms[l][i0 + i] - 2.0f * s[t * nmax + i];
+        int tid = 0;
+#if defined(OE_WITH_OPENMP)
+        tid = omp_get_thread_num();
+#endif
+        float* pack = pack_all.data() + static_cast<size_t>(tid) * kNB * kKC;
+        float* tile = tile_all.data() + static_cast<size_t>(tid) * kFrames * kNB;
+        const int64_t i0 = blk * kNB, nr = n - i0 < kNB ? n - i0 : kNB;
+        const int64_t npanel = (nr + NR - 1) / NR;
+        for (int64_t k0 = 0; k0 < D; k0 += kKC) {
+          const int kc = static_cast<int>(D - k0 < kKC ? D - k0 : kKC);
+          for (int64_t p = 0; p < npanel; ++p) {  // pack rows [i0 + p NR, +NR) x dims [k0, k0 + kc)
+            float* pp = pack + p * kKC * NR;
+            for (int64_t j = 0; j < NR; ++j) {
+              const int64_t i = p * NR + j;
+              if (i < nr) {
+                const char* row = row_ptr(books, l, i0 + i);
+                if (dt == OE_F32) {
+                  const float* rf = reinterpret_cast<const float*>(row) + k0;
+                  for (int kk = 0; kk < kc; ++kk) pp[kk * NR + j] = rf[kk];
+                } else {
+                  const int64_t es = static_cast<int64_t>(dtype_size(dt));
+                  for (int kk = 0; kk < kc; ++kk) pp[kk * NR + j] = elem(row + (k0 + kk) * es, dt);
+                }
+              } else {
+                for (int kk = 0; kk < kc; ++kk) pp[kk * NR + j] = 0.0f;
+              }
+            }
+          }
+          for (int64_t p = 0; p < npanel; ++p)
+            for (int tt = 0; tt < nt; tt += kMR) {
+              const int mt = nt - tt < kMR ? nt - tt : kMR;
+              K.gemm_tile(R + (t0 + tt) * D + k0, D, mt, pack + p * kKC * NR, kc, tile + tt * kNB + p * NR, kNB,
+                          k0 > 0);
+            }
         }
+        for (int t = 0; t < nt; ++t)
+          for (int64_t i = 0; i < nr; ++i) S[t * nmax + i0 + i] = norms[l][i0 + i] - 2.0f * tile[t * kNB + i];
       }
       // Decide each frame exactly, then subtract the chosen row.
 #if defined(OE_WITH_OPENMP)
@@ -238,22 +289,23 @@ extern "C" oe_status oe_rvq_encode_cpu(const float* x, int64_t T, const oe_rvq_b
       for (int t = 0; t < nt; ++t) {
         float* r = R + (t0 + t) * D;
         const float* s = S + t * nmax;
-        double* lo = LO + t * nmax;
         double rn = 0.0;
         for (int64_t d = 0; d < D; ++d) rn += static_cast<double>(r[d]) * r[d];
         rn = std::sqrt(rn);
+        const double a = 2.0 * gamma * rn;
+        auto bound = [&](int64_t i) {
+          const double n2 = norms[l][i];
+          return 2.0 * (2.0 * u * n2 + a * cn[static_cast<size_t>(i)] + u * std::fabs(s[i])) + 1e-300;
+        };
         double upper = INFINITY;
         for (int64_t i = 0; i < n; ++i) {
-          const double n2 = norms[l][i];
-          const double e = 2.0 * (2.0 * u * n2 + 2.0 * gamma * rn * std::sqrt(n2) + u * std::fabs(s[i])) + 1e-300;
-          lo[i] = s[i] - e;
-          const double hi = s[i] + e;
+          const double hi = s[i] + bound(i);
           upper = hi < upper ? hi : upper;
         }
         int64_t best = -1;
         double best_d = INFINITY;
         for (int64_t i = 0; i < n; ++i) {
-          if (!(lo[i] <= upper)) continue;
+          if (!(s[i] - bound(i) <= upper)) continue;
           const double dist = K.exact_dist(r, row_ptr(books, l, i), dt, D);
           if (best < 0 || dist < best_d) {  // ascending i: ties keep the lowest index
             best = i;

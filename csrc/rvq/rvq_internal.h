@@ -23,7 +23,16 @@ struct Kernels {
   double (*exact_dist)(const float* r, const void* row, oe_dtype dt, int64_t D);
   // acc[d] += row[d] for d < n
   void (*add_row)(float* acc, const void* row, oe_dtype dt, int64_t n);
+  // Screening GEMM tile on packed operands: for t < mt (1..kMR), j < nr:
+  //   s[t * lds + j] = (accumulate ? s[t * lds + j] : 0) + sum_{k < kc} r[t * ldr + k] * pc[k * nr + j]
+  // with the k terms added one after the other in one fp32 FMA chain per (t, j) (so a dot product split into
+  // consecutive kc slices is still one sequential chain of D terms: the screening bound uses lanes = 1).
+  void (*gemm_tile)(const float* r, int64_t ldr, int mt, const float* pc, int kc, float* s, int64_t lds,
+                    int accumulate);
+  int nr;  // columns of a packed panel (two vector registers)
 };
+
+constexpr int kMR = 6;  // frames per GEMM tile (rows of the register tile)
 
 const Kernels& kernels_scalar();
 #if defined(OE_ARCH_X86)

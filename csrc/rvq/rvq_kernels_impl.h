@@ -48,3 +48,44 @@ void dots_impl(const float* r, int nt, const void* rows, oe_dtype dt, int64_t nr
   }
   if (nt - t >= 1) dots_nt<V, 1>(r + t * D, rb, dt, nrows, D, dots + t * ldd, ldd);
 }
+
+// Screening GEMM register tile: MR frames x NR = 2 W codebook rows, accumulators in registers, B from a packed
+// panel (kc x NR, row-interleaved), A broadcast from the residuals. One sequential FMA chain per output.
+template <class V, int MR>
+void gemm_tile_mr(const float* r, int64_t ldr, const float* pc, int kc, float* s, int64_t lds, int accumulate) {
+  using reg = typename V::reg;
+  constexpr int W = V::W, NR = 2 * V::W;
+  reg acc0[MR], acc1[MR];
+#pragma GCC unroll 8
+  for (int t = 0; t < MR; ++t) {
+    acc0[t] = accumulate ? V::load(s + t * lds) : V::zero();
+    acc1[t] = accumulate ? V::load(s + t * lds + W) : V::zero();
+  }
+  for (int k = 0; k < kc; ++k) {
+    const reg b0 = V::load(pc + k * NR), b1 = V::load(pc + k * NR + W);
+#pragma GCC unroll 8
+    for (int t = 0; t < MR; ++t) {
+      const reg a = V::broadcast(r + t * ldr + k);
+      acc0[t] = V::fmadd(a, b0, acc0[t]);
+      acc1[t] = V::fmadd(a, b1, acc1[t]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int t = 0; t < MR; ++t) {
+    V::store(s + t * lds, acc0[t]);
+    V::store(s + t * lds + W, acc1[t]);
+  }
+}
+
+template <class V>
+void gemm_tile_impl(const float* r, int64_t ldr, int mt, const float* pc, int kc, float* s, int64_t lds,
+                    int accumulate) {
+  switch (mt) {
+    case 1: gemm_tile_mr<V, 1>(r, ldr, pc, kc, s, lds, accumulate); break;
+    case 2: gemm_tile_mr<V, 2>(r, ldr, pc, kc, s, lds, accumulate); break;
+    case 3: gemm_tile_mr<V, 3>(r, ldr, pc, kc, s, lds, accumulate); break;
+    case 4: gemm_tile_mr<V, 4>(r, ldr, pc, kc, s, lds, accumulate); break;
+    case 5: gemm_tile_mr<V, 5>(r, ldr, pc, kc, s, lds, accumulate); break;
+    default: gemm_tile_mr<V, 6>(r, ldr, pc, kc, s, lds, accumulate); break;
+  }
+}
