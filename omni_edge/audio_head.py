@@ -265,7 +265,7 @@ class AudioHead:
             codes[:, slot] = choose(slot, logits)
         return codes
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def frame_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> List[torch.Tensor]:
         """Teacher-forced logits of one frame: hidden (B, C), codes (B, 8) known; returns the 8 logit tensors
         [(B, cb_0 + 1), (B, cb_1), ...] that the incremental run computes when it picks exactly `codes`."""
@@ -281,7 +281,7 @@ class AudioHead:
         self.run_frame(hidden, choose)
         return out
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def sample_frame(self, hidden: torch.Tensor, sampler: "AudioCodeSampler") -> torch.Tensor:
         """Sample one frame's 8 codes for one sequence: hidden (C,) or (1, C) -> (8,) int64. Does not update the
         sampler's history (call `sampler.observe(codes)` after the frame, as the reference does)."""
@@ -290,7 +290,7 @@ class AudioHead:
             raise ValueError(f"hidden: sample_frame serves one sequence, got batch {hidden.shape[0]}")
         return self.run_frame(hidden, lambda slot, logits: sampler.pick(slot, logits[0]))[0]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def full_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> List[torch.Tensor]:
         """The reference's whole-head forward: all 8 slots at once (slot j>0 input = cumsum of E_k[codes_k],
         k < j), every layer and every head on every slot. Returns the 8 heads' logits [(B, cb_i + 1)] fp32,

@@ -67,9 +67,9 @@ Fed = Union[int, Tuple[int, Tuple[int, ...]]]
 
 @dataclass
 class SpeakParams:
-    first_text: SamplingParams = FIRST_TEXT
-    next_text: SamplingParams = NEXT_TEXT
-    audio: SamplingParams = AUDIO_SAMPLING  # max_new_tokens = the frame cap per segment (500 = 40 s)
+    first_text: SamplingParams = field(default_factory=lambda: FIRST_TEXT)
+    next_text: SamplingParams = field(default_factory=lambda: NEXT_TEXT)
+    audio: SamplingParams = field(default_factory=lambda: AUDIO_SAMPLING)  # max_new_tokens = the frame cap per segment (500 = 40 s)
     max_rounds: int = 100
 
     def greedy(self) -> "SpeakParams":
@@ -94,6 +94,8 @@ class SpokenReply:
     segments: List[torch.Tensor]  # per audio segment: (n, 8) int64 codes of the frames before end-of-audio
     parts: List[Tuple[str, object]]  # the turn as the reference history keeps it: ("text", str) / ("audio", i)
     finish_reason: str  # "eos" | "rounds" (max_rounds reached) | "context" (KV cache full)
+    text_ends: List[str]  # per text step: "eos" | "stop" (a stop string) | "length" (max_new_tokens) | "context"
+    audio_ends: List[str]  # per audio segment: "eos" (code_0 == cb_0) | "length" (the frame cap) | "context"
     start: int
     next_start: int
     rounds: int = 0
@@ -138,6 +140,8 @@ class _Turn:
         self.first_frame_s: Optional[float] = None
         self.text_s = self.audio_s = 0.0
         self.text_tokens = self.frames = 0
+        self.text_ends: List[str] = []
+        self.audio_ends: List[str] = []
 
     # ---- backbone steps -------------------------------------------------------------------------
 
@@ -175,6 +179,7 @@ class _Turn:
         stream = self.tok.stream(skip_special=False)
         text: List[str] = []
         new: List[int] = []
+        end = "context"
         try:
             while True:
                 token = sampler.sample(logits)
@@ -189,6 +194,7 @@ class _Turn:
                     if self.on_text is not None:
                         self.on_text(piece)
                 if tid == self.eos or hit or len(new) >= params.max_new_tokens:
+                    end = "eos" if tid == self.eos else "stop" if hit else "length"
                     break
                 sampler.observe(token)
                 logits = self.bb.logits(self._feed_id(tid))
@@ -198,6 +204,7 @@ class _Turn:
                 text.append(rest)
                 if self.on_text is not None:
                     self.on_text(rest)
+            self.text_ends.append(end)
             piece = "".join(text)
             self.text_parts.append(piece)
             self.parts.append(("text", piece))
@@ -212,6 +219,7 @@ class _Turn:
         frames: List[torch.Tensor] = []
         self.audio.reset()
         cap = self.params.audio.max_new_tokens
+        end = "context"
         try:
             hidden = self._feed_id(self.seq[-1])
             for n in range(cap):
@@ -220,6 +228,7 @@ class _Turn:
                 self.seq.append(self.pad)
                 self.frames += 1
                 if int(codes[0]) == self.head.eos_code:
+                    end = "eos"
                     break
                 frames.append(codes)
                 if self.first_frame_s is None:
@@ -227,10 +236,12 @@ class _Turn:
                 if self.on_audio_frame is not None:
                     self.on_audio_frame(codes)
                 if n == cap - 1:
+                    end = "length"
                     break  # the frame cap: this frame's pad is not fed (the reference loop ends here too)
                 hidden = self._feed_codes(codes)
         finally:
             seg = torch.stack(frames) if frames else torch.zeros((0, self.head.depth), dtype=torch.long)
+            self.audio_ends.append(end)
             self.parts.append(("audio", len(self.segments)))
             self.segments.append(seg.cpu())
             self.audio_s += time.perf_counter() - t
@@ -300,6 +311,7 @@ def speak(backbone, head: AudioHead, tokenizer: Tokenizer, *, start: int, logits
                  on_clause_end=on_clause_end)
     finish, rounds = turn.run(logits.float().clone())
     return SpokenReply(text="".join(turn.text_parts), fed=turn.fed, pending=turn.seq[-1],
-                       segments=turn.segments, parts=turn.parts, finish_reason=finish, start=start,
+                       segments=turn.segments, parts=turn.parts, finish_reason=finish,
+                       text_ends=turn.text_ends, audio_ends=turn.audio_ends, start=start,
                        next_start=turn.pos, rounds=rounds, text_tokens=turn.text_tokens, frames=turn.frames,
                        text_s=turn.text_s, audio_s=turn.audio_s, first_frame_s=turn.first_frame_s)

@@ -83,6 +83,15 @@ class RefHead:
 
 # ---- fixtures ----------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny ops: on a shared 2-core machine OpenMP barriers between 2 threads cost more than the work.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def head_ckpt(tmp_path_factory):
     """Width 256 (2 attention heads of 128), 3 head layers, the tiny codebooks [64, 32, 16 x 6]."""
