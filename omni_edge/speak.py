@@ -126,16 +126,15 @@ class _Turn:
         self.gen_end = tokenizer.token_id(AUDIOGEN_END)
         self.pad = tokenizer.token_id(AUDIO_PAD)
         self.hidden_strip = {self.eos, self.gen_start, self.gen_end}  # removed from the reply text
-        self.device = head.device
+        self.device = torch.device(getattr(backbone, "device", head.device))  # where the text logits live
         self.seq: List[int] = [int(i) for i in context]  # the reference's `sequences` (penalty context)
         self.start = self.pos = start  # next cache position to write
         self.fed: List[Fed] = []
         self.text_parts: List[str] = []
         self.parts: List[Tuple[str, object]] = []
         self.segments: List[torch.Tensor] = []
-        self.audio = AudioCodeSampler(head.codebook_sizes, params.audio, device=self.device, generator=generator)
-        self._input = torch.zeros((1, 1), dtype=torch.long, device=backbone.device if hasattr(backbone, "device")
-                                  else self.device)
+        self.audio = AudioCodeSampler(head.codebook_sizes, params.audio, device=head.device, generator=generator)
+        self._input = torch.zeros((1, 1), dtype=torch.long, device=self.device)  # the text step's input id
         self.t0 = time.perf_counter()
         self.first_frame_s: Optional[float] = None
         self.text_s = self.audio_s = 0.0

@@ -326,3 +326,18 @@ def test_bad_arguments(model):
               params=replace(SpeakParams(), max_rounds=0))
     with pytest.raises(ValueError, match="exceeds the KV cache"):
         speak(bb, model.head, model.tok, start=10_000, logits=logits, context=[0] * 10_000)
+
+
+def test_default_settings_are_the_demo_settings():
+    """MODEL.md §2.3: the numbers the reference demo passes to generate."""
+    p = SpeakParams()
+    f, n, a = p.first_text, p.next_text, p.audio
+    assert (f.max_new_tokens, f.temperature, f.top_k, f.top_p, f.repetition_penalty) == (50, 0.8, 20, 0.85, 1.1)
+    assert f.stop_strings == ("<audiogen_start_baichuan>", "<|endoftext|>")
+    assert (n.max_new_tokens, n.temperature, n.top_k, n.top_p, n.repetition_penalty) == (50, 0.3, 20, 0.85, 1.05)
+    assert n.stop_strings == ("<audiogen_start_baichuan>", ",", "!", "?", "，", "。", "！", "？", ". ")
+    assert (a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty) == (500, 0.5, 5, 0.85, 1.3)
+    assert p.max_rounds == 100
+    g = p.greedy()
+    assert g.first_text.temperature == g.next_text.temperature == g.audio.temperature == 0
+    assert g.audio.repetition_penalty == 1.3  # HF applies the penalty in greedy mode too
