@@ -33,9 +33,10 @@ last sampled token: eos, or the unfed pad of the final segment) is not in it. Th
 tokens as the conversation history: it stores the assistant turn as its text pieces and audio files,
 `text_1 <audiogen_start>{"path": wav_1}<audiogen_end> text_2 ...` (`reply.parts`), and the next turn re-renders
 that: text pieces keep their overwritten last token's text, and each segment's 24 kHz wave is resampled to
-16 kHz and re-encoded by the audio encoder + RVQ into `<audiogen_start> <audio_pad> x N <audiogen_end>`. So a
-follow-up turn can reuse the cache only up to `start` plus the first text step's tokens before the overwrite;
-the rest is prefilled from `reply.parts` once the audio input path can re-encode the segments.
+16 kHz and re-encoded by the audio encoder + RVQ into `<audiogen_start> <audio_pad> x N <audiogen_end>`. The
+re-rendered turn differs from `prompt + fed` from the first overwritten token on (at the latest), and text is
+re-tokenised from its string, so a follow-up turn reuses the cache for the common prefix of the two id lists
+(at least `start`) and prefills the rest from `reply.parts` once the audio input path can re-encode segments.
 """
 
 from __future__ import annotations
