@@ -177,7 +177,7 @@ def reference_turn(m: Model, params: SpeakParams, seed: int, eos_boost: float):
     text, segs, n_frames, audio_ends = "", [], 0, []
     new, end, piece = text_step(params.first_text)
     text += piece
-    ends = [end]
+    ends, pieces, kinds = [end], [piece], ["text"]
     finish = "rounds"
     for _ in range(params.max_rounds):
         if new[-1] == E["<|endoftext|>"]:
@@ -185,21 +185,25 @@ def reference_turn(m: Model, params: SpeakParams, seed: int, eos_boost: float):
                 seq[-1] = E["<audiogen_start_baichuan>"]
                 seg, n = audio_step()
                 segs.append(seg)
+                kinds.append("audio")
                 n_frames += n
             finish = "eos"
             break
         seq[-1] = E["<audiogen_start_baichuan>"]
         seg, n = audio_step()
         segs.append(seg)
+        kinds.append("audio")
         n_frames += n
         seq[-1] = E["<audiogen_end_baichuan>"]
         new, end, piece = text_step(params.next_text)
         ends.append(end)
+        pieces.append(piece)
+        kinds.append("text")
         text += piece
     fed = [(t, tuple(codes_at[k].tolist())) if t == E["<audio_pad_baichuan>"] and k in codes_at else t
            for k, t in enumerate(seq) if len(m.prompt) <= k < len(seq) - 1]
     return dict(fed=fed, pending=seq[-1], segments=segs, text=text, finish=finish, frames=n_frames, ends=ends,
-                audio_ends=audio_ends)
+                audio_ends=audio_ends, pieces=pieces, kinds=kinds)
 
 
 def run_driver(m: Model, params, seed, eos_boost, **kw):
@@ -223,6 +227,8 @@ def compare(reply, ref):
     assert reply.finish_reason == ref["finish"]
     assert reply.frames == ref["frames"]
     assert reply.text_ends == ref["ends"] and reply.audio_ends == ref["audio_ends"]
+    assert [v for k, v in reply.parts if k == "text"] == ref["pieces"]
+    assert [k for k, _ in reply.parts] == ref["kinds"]
 
 
 # ---- tests -------------------------------------------------------------------------------------------
@@ -257,11 +263,12 @@ def test_sampled_turn_matches_reference_loop(model):
 
 def test_greedy_turn_matches_reference_loop(model):
     boost = scripted(model)
+    model.bias[model.ids["<|endoftext|>"]] = -1e4  # greedy would end at once otherwise: walk two rounds
     params = replace(small_params(), max_rounds=2).greedy()
     reply = run_driver(model, params, 0, boost)
     ref = reference_turn(model, params, 0, boost)
     compare(reply, ref)
-    assert reply.rounds >= 1 and reply.segments and reply.text_tokens > 1
+    assert reply.finish_reason == "rounds" and reply.rounds == 2 and len(reply.segments) == 2
 
 
 def test_audio_frame_cap_and_end_of_audio(model):
@@ -285,6 +292,7 @@ def test_audio_frame_cap_and_end_of_audio(model):
     finally:
         model.head.heads_b[0][model.head.eos_code] += 1e4
     assert [s.shape[0] for s in r.segments] == [3] and r.frames == 3
+    assert r.finish_reason == "rounds" and r.rounds == 1 and r.audio_ends == ["length"]
     pads = [f for f in r.fed if isinstance(f, tuple)]
     assert len(pads) == 2  # frames 1 and 2 fed; frame 3's pad became audiogen_end
     gs, ge = model.ids["<audiogen_start_baichuan>"], model.ids["<audiogen_end_baichuan>"]
