@@ -34,6 +34,20 @@ from torch import nn
 CHUNK = 100  # static_chunk_size = 2 * 25 * 2 mel frames (2 s)
 
 
+def attention(q, k, v, mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v for (B, H, T, D); SDPA in torch, the plain formula in ONNX exports
+    (the legacy exporter's SDPA upcasts fp16 scores and leaves mixed types behind)."""
+    if not torch.onnx.is_in_onnx_export():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    s = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if causal:
+        t = q.shape[-2]
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
 def chunk_mask(t: int, device=None, chunk: int = CHUNK) -> torch.Tensor:
     """(t, t) bool: query i may attend key j iff j < (i // chunk + 1) * chunk."""
     pos = torch.arange(t, device=device)
@@ -104,7 +118,7 @@ class _Attention(nn.Module):
         b, t, _ = x.shape
         q, k, v = (p(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
                    for p in (self.to_q, self.to_k, self.to_v))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        o = attention(q, k, v, mask)
         return self.to_out[0](o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_edge.config import ModelConfig
-from omni_edge.flow import CHUNK, Estimator, cfm_solve
+from omni_edge.flow import CHUNK, Estimator, attention, cfm_solve
 from omni_edge.ops import rvq
 
 N_MELS = 80
@@ -108,7 +108,7 @@ class _SelfAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = (p(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o = attention(q, k, v, causal=True)
         return self.out_proj(o.transpose(1, 2).reshape(b, t, d))
 
 
@@ -127,7 +127,8 @@ class _Layer(nn.Module):
     def forward(self, x):
         x = x + self.self_attn(self.self_attn_layer_norm(x))
         x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
-        if x.dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(x).all()):
+        if (x.dtype in (torch.float16, torch.bfloat16) and not torch.jit.is_tracing()
+                and not bool(torch.isfinite(x).all())):
             lim = torch.finfo(x.dtype).max - 1000  # the reference's overflow clamp (half dtypes only)
             x = x.clamp(-lim, lim)
         return x
@@ -306,11 +307,14 @@ class SpeechDecoder(nn.Module):
                  for s in ("audio_decoder", "flow_estimator")}
         self.picks = picks
         if picks["flow_estimator"].kind == "onnx":
-            graph = picks["flow_estimator"].open(threads=threads)
-            self.__dict__["estimator_fn"] = lambda x, mu, t: graph.run(x=x, mu=mu, t=t)[0].to(x.dtype)
+            est = picks["flow_estimator"].open(threads=threads)
+            e_dt = torch.float16 if picks["flow_estimator"].precision == "float16" else torch.float32
+            self.__dict__["estimator_fn"] = lambda x, mu, t: est.run(
+                x=x.to(e_dt), mu=mu.to(e_dt), t=t.to(e_dt))[0].to(x.dtype)
         if picks["audio_decoder"].kind == "onnx":
-            graph = picks["audio_decoder"].open(threads=threads)
-            self.__dict__["decoder_fn"] = lambda emb, mean, var: graph.run(emb=emb, mean=mean, var=var)[0]
+            dec = picks["audio_decoder"].open(threads=threads)
+            d_dt = torch.float16 if picks["audio_decoder"].precision == "float16" else torch.float32
+            self.__dict__["decoder_fn"] = lambda emb, mean, var: dec.run(emb=emb.to(d_dt), mean=mean, var=var)[0]
 
     def describe(self) -> str:
         picks = getattr(self, "picks", None)
