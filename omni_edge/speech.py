@@ -281,23 +281,32 @@ class SpeechDecoder(nn.Module):
         fp32 (MODEL.md §1.7); the rest is cast to `dtype`."""
         for stage in ("rvq", "audio_decoder", "flow_prenet", "flow_estimator"):
             ckpt.require(stage)
-        books = [ckpt.get(f"{_RVQ}vq_list.{i}.codebook.embed", dtype=torch.float32, device=device)
+        names = [n for s in ("rvq", "audio_decoder", "flow_prenet", "flow_estimator") for n in ckpt.stage(s)]
+        skip = ("embed_avg", "cluster_size")  # training-only RVQ tensors; dconv2 / post_net are unused too
+        names = [n for n in names if not n.endswith(skip) and not n.startswith((_DEC + "dconv2.", _DEC + "post_net."))]
+        m = cls.from_tensors(cfg, {n: ckpt.get(n) for n in names}, device=device, dtype=dtype)
+        m._select_backend(backend, bundle_dir, manifest, device, dtype, threads)
+        return m
+
+    @classmethod
+    def from_tensors(cls, cfg: ModelConfig, tensors, *, device="cpu", dtype=torch.float32) -> "SpeechDecoder":
+        """Build from checkpoint-named tensors (e.g. `omni_edge.testing.random_tensors` for benchmarks)."""
+        books = [tensors[f"{_RVQ}vq_list.{i}.codebook.embed"].to(device=device, dtype=torch.float32)
                  for i in range(len(cfg.audio.codebook_sizes))]
         m = cls(cfg, books)
-        sd = {"decoder.proj_decoder.weight": ckpt.get(_RVQ + "proj_decoder.weight"),
-              "decoder.proj_decoder.bias": ckpt.get(_RVQ + "proj_decoder.bias")}
-        for name in ckpt.stage("audio_decoder"):
-            rest = name[len(_DEC):]
-            if not rest.startswith(("dconv2.", "post_net.")):
-                sd["decoder." + rest] = ckpt.get(name)
-        for name in ckpt.stage("flow_prenet"):
-            sd["prenet." + name[len(_PRE):]] = ckpt.get(name)
-        for name in ckpt.stage("flow_estimator"):
-            sd["estimator." + name[len(_EST):]] = ckpt.get(name)
+        sd = {"decoder.proj_decoder.weight": tensors[_RVQ + "proj_decoder.weight"],
+              "decoder.proj_decoder.bias": tensors[_RVQ + "proj_decoder.bias"]}
+        for name, t in tensors.items():
+            if name.startswith(_DEC) and not name[len(_DEC):].startswith(("dconv2.", "post_net.")):
+                sd["decoder." + name[len(_DEC):]] = t
+            elif name.startswith(_PRE):
+                sd["prenet." + name[len(_PRE):]] = t
+            elif name.startswith(_EST):
+                sd["estimator." + name[len(_EST):]] = t
         m.load_state_dict(sd, strict=True)
         m.to(device=device, dtype=dtype).eval()
         m.requires_grad_(False)
-        m._select_backend(backend, bundle_dir, manifest, device, dtype, threads)
+        m.picks = {}
         return m
 
     def _select_backend(self, backend, bundle_dir, manifest, device, dtype, threads):
