@@ -224,13 +224,14 @@ def cfm_solve(estimator, mu: torch.Tensor, noise: torch.Tensor, n_steps: int = 1
     t_span = time_grid(n_steps, mu.dtype, mu.device, scheduler)
     x = noise.to(mu.dtype)
     t, dt = t_span[0], t_span[1] - t_span[0]
-    mu2 = torch.cat([mu, torch.zeros_like(mu)], dim=0)
+    guided = cfg_rate > 0
+    mu2 = torch.cat([mu, torch.zeros_like(mu)], dim=0) if guided else mu
     for step in range(1, n_steps + 1):
-        v = estimator(torch.cat([x, x], dim=0), mu2, t.reshape(1).expand(2))
-        if cfg_rate > 0:
+        if guided:
+            v = estimator(torch.cat([x, x], dim=0), mu2, t.reshape(1).expand(2))
             v = (1.0 + cfg_rate) * v[:1] - cfg_rate * v[1:]
         else:
-            v = v[:1]
+            v = estimator(x, mu2, t.reshape(1))
         x = x + dt * v
         t = t + dt
         if step < n_steps:

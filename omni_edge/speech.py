@@ -398,7 +398,7 @@ def decode_clause(speech: SpeechDecoder, vocoder, codes, noise=None, *, seed: in
     like a stream's `end_clause`, unless fade=False)."""
     from omni_edge.vocoder import VocoderNoise, end_fade
 
-    mel = speech.mel(codes, noise, seed=seed)
+    mel = speech.mel(codes, noise if noise is not None else NoiseBuffer(seed))
     wave = vocoder(mel, noise=VocoderNoise(seed))
     return end_fade(wave) if fade else wave
 
@@ -460,6 +460,11 @@ class SpeechStream:
         self._joined = False
         self._tail = torch.zeros(0)  # last JOIN_SAMPLES samples of this clause
         self._clause_samples = 0
+
+    def decode_clause(self, codes, noise=None) -> torch.Tensor:
+        """Offline decode of one whole clause with this stream's models and seed (not delivered to on_audio):
+        codes (N, 8) -> float32 wave (480 (4N - 1),). noise: None (the seeded buffer) or (80, >= 4N - 1)."""
+        return decode_clause(self.speech, self.vocoder, codes, noise, seed=self.seed + self.clauses, fade=self.fade)
 
     def push(self, codes) -> None:
         c = torch.as_tensor(codes).reshape(-1)

@@ -156,6 +156,25 @@ class Vocoder(nn.Module):
         ch = base // 2 ** len(self.ups)
         self.conv_post = nn.Conv1d(ch, c.n_fft + 2, 7, padding=3)
         self.register_buffer("window", torch.hann_window(c.n_fft, periodic=True), persistent=False)
+        self.__dict__["trunk_fn"] = self.trunk  # an ONNX session wrapper after select_backend(); not a submodule
+        self.pick = None
+
+    def select_backend(self, kind: str = "auto", bundle_dir=None, manifest=None, *, device="cpu",
+                       threads=None) -> "Vocoder":
+        """Run the convolutional trunk in torch or in the bundle's `vocoder` graph (always fp32; f0, source
+        and iSTFT stay on the host). `kind` as `omni_edge.backends` ("auto", "torch", "onnx")."""
+        from omni_edge import backends
+
+        self.pick = backends.resolve("vocoder", kind, bundle_dir, manifest, device, "float32")
+        if self.pick.kind == "onnx":
+            graph = self.pick.open(threads=threads)
+            self.__dict__["trunk_fn"] = lambda mel, s: graph.run(mel=mel.float(), s_stft=s.float())[0]
+        else:
+            self.__dict__["trunk_fn"] = self.trunk
+        return self
+
+    def describe(self) -> str:
+        return "torch" if self.pick is None else self.pick.describe()
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -248,7 +267,7 @@ class Vocoder(nn.Module):
             phase = noise.phase() if phase is None else phase
             source_noise = noise.take(0, n) if source_noise is None else source_noise
         s, _ = self.source(self.f0(mel), source_noise, phase)
-        x = (trunk_fn or self.trunk)(mel.unsqueeze(0), self.stft(s))
+        x = (trunk_fn or self.trunk_fn)(mel.unsqueeze(0), self.stft(s))
         w = self.istft(x)
         assert w.shape[0] == n, (w.shape, n)
         return w
@@ -307,7 +326,7 @@ class VocoderStream:
             raise ValueError(f"lookahead: expected >= 2 mel frames (the end fade spans 2 frames), got {lookahead}")
         self.voc, self.noise = vocoder, noise or VocoderNoise(0)
         self.lookahead, self.context, self.xfade = lookahead, context, xfade
-        self.trunk_fn = trunk_fn or vocoder.trunk
+        self.trunk_fn = trunk_fn or vocoder.trunk_fn
         self._phase = self.noise.phase()
         self._acc = {0: torch.zeros(vocoder.cfg.nb_harmonics + 1, dtype=torch.float64)}  # frame -> phase sum
         self.emitted = 0  # frames sent
