@@ -7,17 +7,23 @@ MODEL.md §1.7-1.9 and §2.3. One clause (the codes between `<audiogen_start>` a
       --CFM: 10 Euler steps, CFG 0.7, chunk-causal U-Net--> mel (80, T), T = 4N - 1
       --Vocoder (HiFT)--> 480 T samples at 24 kHz
 
-Interface (used by the audio head / `omni_edge.speak`):
+Interface (used by the audio head / `omni_edge.speak`; the pipeline builds the two stages):
 
-    speech = SpeechDecoder.from_checkpoint(ckpt, cfg, device="cpu", dtype=torch.float32)
-    vocoder = Vocoder.from_file("vocoder.safetensors")            # omni_edge.vocoder
-    mel = speech.mel(codes)                                       # (80, T); noise=None -> seeded buffer
-    wave = decode_clause(speech, vocoder, codes)                  # offline: float32 (480 T,)
+    speech = SpeechDecoder.from_checkpoint(ckpt, cfg, device="cpu", dtype=torch.float32,   # cfg: ModelConfig
+                                           backend="auto", bundle_dir=None, manifest=None, threads=None)
+    vocoder = Vocoder.from_file("vocoder.safetensors")            # or hift.pt; omni_edge.vocoder
+    vocoder.select_backend("auto", bundle_dir, manifest)          # optional: the trunk in onnxruntime
+    mel = speech.mel(codes)                                       # (80, T) fp32; noise=None -> NoiseBuffer(0)
+    wave = decode_clause(speech, vocoder, codes, noise=None)      # offline: float32 (480 T,), T = 4N - 1
 
-    stream = SpeechStream(speech, vocoder, on_audio=callback)     # callback(chunk: torch float32 (n,))
-    for frame in frames: stream.push(frame)                       # frame: LongTensor (8,)
-    stream.end_clause()                                           # flushes the clause; next push starts a new one
-    stream.close()                                                # (optional) flushes nothing more
+    stream = SpeechStream(speech, vocoder, on_audio=callback)     # callback(chunk: torch float32 (n,), 24 kHz)
+    for frame in frames: stream.push(frame)                       # frame: LongTensor (8,), one per 80 ms
+    stream.end_clause()                                           # flush the clause (at the EOS frame)
+    wave = stream.decode_clause(codes, noise=None)                # offline decode with the stream's seed
+    speech.describe(), vocoder.describe()                         # backends and why
+
+The EOS frame (code_0 == 8192) is not pushed: call `end_clause()` instead. `codes` rows hold one code per
+codebook (0 <= code < codebook size); anything else raises `SpeechError` (a ValueError) naming the entry.
 
 Randomness is explicit: the CFM start noise is a `NoiseBuffer` (fixed per absolute mel frame: block b of 100
 frames is drawn from its own generator seeded with (seed, b)), or a tensor given by the caller; the vocoder's
@@ -38,7 +44,10 @@ Streaming and what "equal to offline" means here:
   completes it is recomputed and only samples not yet emitted are sent (the vocoder cross-fades the seam).
   Later chunks are decoded on chunk boundaries (every 25 codes); the rest of the clause at `end_clause()`.
 - Every decode re-runs the chain on the clause so far (exact: chunk-causal attention needs the full left
-  context), so nothing emitted depends on how the codes were split into pushes.
+  context), so nothing emitted depends on how the codes were split into pushes. The price is compute: a
+  clause of N codes costs the frames 40 + 100 + 200 + ... + 4N instead of 4N (about 2.7x offline for 4 s).
+  Caching each finished chunk's per-step block inputs would remove it, at ~1.15 MB per frame in fp32
+  (10 steps x 2 passes x 56 blocks x 256 channels): not done; see the benchmark for the measured cost.
 - Clauses are joined as the reference's `wave_concat` joins segments: an extra 240-sample linear cross-fade
   (last 240 samples of the previous clause fading out, first 240 of the next fading in) is inserted between
   them (MODEL.md §2.3). The vocoder's output is otherwise delivered unchanged (clamped to +-0.99 by HiFT).
@@ -428,18 +437,24 @@ class SpeechStream:
     """Push codes frame by frame; audio arrives through `on_audio(chunk)` (torch float32 (n,), 24 kHz).
 
     first_codes: codes before the first (preview) decode of a clause (None: wait for the first full chunk).
+    hop_codes: later decodes happen when the clause holds a multiple of hop_codes codes; the default 25 is one
+      estimator chunk, so each such decode finalises a chunk (a smaller hop decodes previews more often:
+      lower latency, more compute, a cross-fade at each revised seam).
     norm_stats: None (prefix statistics, see the module docstring) or a callable codes -> (mean, var) used
       for every decode of a clause (tests pass the clause's own statistics).
     seed: CFM and vocoder noise; clause k uses seed + k (each clause starts with fresh noise, as the
       reference draws new noise per segment)."""
 
     def __init__(self, speech: SpeechDecoder, vocoder, on_audio: Callable, *, first_codes: Optional[int] = 10,
-                 seed: int = 0, norm_stats: Optional[Callable] = None, lookahead: Optional[int] = None,
-                 fade: bool = True):
+                 hop_codes: int = CHUNK // MEL_PER_CODE, seed: int = 0, norm_stats: Optional[Callable] = None,
+                 lookahead: Optional[int] = None, fade: bool = True):
         from omni_edge.vocoder import VocoderStream  # noqa: F401 (fail early if missing)
 
         if first_codes is not None and not 1 <= first_codes:
             raise SpeechError(f"first_codes: expected None or >= 1, got {first_codes}")
+        if not isinstance(hop_codes, int) or hop_codes < 1:
+            raise SpeechError(f"hop_codes: expected an integer >= 1, got {hop_codes!r}")
+        self.hop_codes = hop_codes
         self.speech, self.vocoder, self.on_audio = speech, vocoder, on_audio
         self.first_codes, self.seed, self.norm_stats = first_codes, int(seed), norm_stats
         self.lookahead, self.fade = lookahead, fade
@@ -474,8 +489,7 @@ class SpeechStream:
         self.speech.check_codes(c.reshape(1, -1))
         self._codes.append(c.to(torch.int64))
         n = len(self._codes)
-        per_chunk = CHUNK // MEL_PER_CODE
-        if n == self.first_codes or (n % per_chunk == 0):
+        if n == self.first_codes or n % self.hop_codes == 0:
             self._decode(final=False)
 
     def _decode(self, final: bool):

@@ -350,3 +350,27 @@ def test_push_rejects_bad_frames(speech, vocoder):
         s.push(torch.zeros(7, dtype=torch.long))
     with pytest.raises(SpeechError, match="outside"):
         s.push(torch.tensor([64, 0, 0, 0, 0, 0, 0, 0]))
+
+
+def test_small_hop_previews(speech, vocoder):
+    """hop_codes below a chunk: every decode before the clause end is a preview; counts stay exact and the
+    samples after the last revised seam (plus its cross-fade) equal the offline decode."""
+    codes = random_codes(speech.codebook_sizes, 20, seed=12)
+    chunks, s = _stream(speech, vocoder, [codes], first_codes=4, hop_codes=6, norm_stats=_clause_stats(speech, codes))
+    assert len(chunks) == 4  # decodes at 4 (16 frames: all held back as vocoder look-ahead), 6, 12, 18, end
+    wave, offline = torch.cat(chunks), decode_clause(speech, vocoder, codes)
+    assert wave.shape == offline.shape
+    last = wave.shape[0] - chunks[-1].shape[0]
+    torch.testing.assert_close(wave[last + 240:], offline[last + 240:], atol=1e-5, rtol=0)
+    with pytest.raises(SpeechError, match="hop_codes"):
+        SpeechStream(speech, vocoder, lambda c: None, hop_codes=0)
+
+
+def test_stream_decode_clause_uses_the_clause_seed(speech, vocoder):
+    codes = random_codes(speech.codebook_sizes, 6, seed=13)
+    s = SpeechStream(speech, vocoder, lambda c: None, seed=5)
+    torch.testing.assert_close(s.decode_clause(codes), decode_clause(speech, vocoder, codes, seed=5), atol=0, rtol=0)
+    for frame in codes:
+        s.push(frame)
+    s.end_clause()
+    torch.testing.assert_close(s.decode_clause(codes), decode_clause(speech, vocoder, codes, seed=6), atol=0, rtol=0)
