@@ -501,3 +501,48 @@ def smollm2_checkpoint(cache_dir: Optional[str] = None) -> str:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+# ------------------------------------------------------------------------------------------------
+# A tiny HiFT vocoder (speech output tests)
+# ------------------------------------------------------------------------------------------------
+
+def write_tiny_vocoder(path, *, seed: int = 0, base_channels: int = 16, cond_channels: int = 16):
+    """Write a tiny random HiFT vocoder (the released layout: upsampling 8 x 5 x 3, iSTFT 16 / 4, 9 harmonics,
+    narrower channels) into folder `path`, twice: `hift.pt`, a CosyVoice-style state dict with weight-norm
+    g/v pairs saved by torch.save, and `vocoder.safetensors`, the same weights folded. Returns both paths."""
+    import torch
+    from safetensors.torch import save_file
+
+    from omni_edge.vocoder import HiftConfig, Vocoder
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    model = Vocoder(HiftConfig(base_channels=base_channels, cond_channels=cond_channels))
+    folded, normed = {}, {}
+    for name, t in model.state_dict().items():
+        g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+        if name.endswith(".alpha"):
+            x = 1.0 + 0.2 * torch.rand(t.shape, generator=g)  # Snake alphas near 1
+        elif name.endswith(".bias"):
+            x = 0.05 * torch.randn(t.shape, generator=g)
+        else:
+            fan = t.shape[1] * (t.shape[2] if t.dim() > 2 else 1)
+            x = torch.randn(t.shape, generator=g) / math.sqrt(fan)
+        if name.startswith("conv_post."):
+            x = 0.3 * x  # keep exp(magnitude) in a sane range
+        folded[name] = x.contiguous()
+        weight_normed = (name.endswith(".weight") and t.dim() == 3 and not name.startswith("source_downs."))
+        if weight_normed:  # as the released file: g (out, 1, 1) and v with g = ||v|| * 1.3 (not folded yet)
+            base = name[:-len(".weight")]
+            v = x * 2.0
+            norm = v.flatten(1).norm(dim=1).view(-1, 1, 1)
+            normed[base + ".weight_g"] = (norm * x.flatten(1).norm(dim=1).view(-1, 1, 1) / norm).contiguous()
+            normed[base + ".weight_v"] = v.contiguous()
+        else:
+            normed[name] = x
+    pt = os.path.join(path, "hift.pt")
+    st = os.path.join(path, "vocoder.safetensors")
+    torch.save(normed, pt)
+    save_file(folded, st, metadata={"format": "pt"})
+    return st, pt

@@ -1,0 +1,172 @@
+"""Speech decode chain at the released sizes (random weights): real-time factor per stage and end to end.
+
+    python benchmarks/bench_speech.py [--codes 25 50] [--threads 2] [--reps 3] [--skip-peer]
+
+Stages, per clause of N codes (N / 12.5 s of speech, 4N - 1 mel frames):
+  decoder+prenet   codes -> mu: RVQ sum, proj_decoder, ConvT + 8 causal layers, 12 prenet layers
+  cfm              mu -> mel: 10 Euler steps x 2 guided passes of the 71 M-parameter U-Net
+  vocoder          mel -> 24 kHz wave (HiFT, fp32)
+  chain            all three (offline decode of the clause)
+  stream           the same clause pushed code by code through SpeechStream (preview after 10 codes, then
+                   decodes on chunk boundaries and at the end): total compute and time to first audio
+
+Peer (same run, same threads): the straightforward torch transcription of the reference formulation from
+tests/test_speech.py and tests/test_vocoder.py: the two guidance passes run one after the other at batch 1,
+masks multiplied in and an additive finfo.min chunk bias, plain softmax attention, weight norm recomputed
+from g/v at every call. For streaming the peer is what the reference demo does: wait for the clause's EOS and
+decode it whole (its time to first audio is the whole chain after the last code).
+
+RTF = compute seconds / seconds of speech (lower is better; < 1 is faster than real time). Median of --reps
+runs after one warm-up; min and max shown. The machine is shared, so absolute times move between runs; the
+ratios come from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from omni_edge.config import parse_config  # noqa: E402
+from omni_edge.speech import NoiseBuffer, SpeechDecoder, SpeechStream, mel_frames  # noqa: E402
+from omni_edge.testing import random_tensors, reference_config, write_tiny_vocoder  # noqa: E402
+from omni_edge.vocoder import Vocoder, VocoderNoise  # noqa: E402
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tests", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def timed(fn, reps):
+    with torch.no_grad():
+        fn()  # warm-up
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), min(ts), max(ts)
+
+
+def row(name, secs, ours, peer=None):
+    med, lo, hi = ours
+    s = f"{name:<16} {secs:5.2f} s | ours {med:7.3f} s [{lo:.3f}-{hi:.3f}] RTF {med / secs:6.3f}"
+    if peer is not None:
+        pm = peer[0]
+        s += f" | peer {pm:7.3f} s RTF {pm / secs:6.3f} | peer/ours x{pm / med:4.2f}"
+    print(s, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--codes", type=int, nargs="+", default=[25, 50])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--skip-peer", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cfg = parse_config(reference_config())
+    stages = ("rvq", "audio_decoder", "flow_prenet", "flow_estimator")
+    t0 = time.perf_counter()
+    weights = {k: v for k, v in random_tensors(cfg, stages=stages).items()
+               if not k.endswith(("embed_avg", "cluster_size"))}
+    speech = SpeechDecoder.from_tensors(cfg, weights)
+    tmp = tempfile.mkdtemp(prefix="bench_speech_")
+    st_path, pt_path = write_tiny_vocoder(tmp, base_channels=512, cond_channels=512)
+    voc = Vocoder.from_file(st_path)
+
+    def n_par(m):
+        return sum(p.numel() for p in m.parameters()) / 1e6
+
+    print(f"# omni-edge speech chain, released sizes, random weights (built in {time.perf_counter() - t0:.1f} s)")
+    print(f"# {platform.machine()}, torch {torch.__version__}, {args.threads} threads, fp32, "
+          f"load average {os.getloadavg()[0]:.1f} (shared machine)")
+    print(f"# params: decoder {n_par(speech.decoder):.1f} M, prenet {n_par(speech.prenet):.1f} M, "
+          f"estimator {n_par(speech.estimator):.1f} M, vocoder {n_par(voc):.1f} M")
+    ts = tv = None
+    if not args.skip_peer:
+        ts, tv = _load("test_speech"), _load("test_vocoder")
+
+    for n in args.codes:
+        g = torch.Generator().manual_seed(n)
+        codes = torch.stack([torch.randint(0, c, (n,), generator=g) for c in speech.codebook_sizes], 1)
+        frames = mel_frames(n)
+        secs = frames * 480 / 24000
+        z = NoiseBuffer(0).take(0, frames)
+        print(f"\n## clause of {n} codes = {frames} mel frames = {secs:.2f} s of speech")
+        with torch.no_grad():
+            mu = speech.mu(codes)
+            mel = speech.mel(codes, z)
+        noise = VocoderNoise(0)
+        phase, sn = noise.phase(), noise.take(0, frames * 480)
+
+        peer_mu = peer_cfm = peer_voc = peer_chain = None
+        if ts is not None:
+            def peer_cfm_fn():
+                mask = torch.ones(1, 1, frames)
+                t_span = 1 - torch.cos(torch.linspace(0, 1, 11) * 0.5 * torch.pi)
+                x, t, dt = z[None].clone(), t_span[0], t_span[1] - t_span[0]
+                for step in range(1, 11):
+                    v = ts.ref_estimator(weights, cfg, x, mask, mu[None], t)
+                    v0 = ts.ref_estimator(weights, cfg, x, mask, torch.zeros_like(mu[None]), t)
+                    x = x + dt * (1.7 * v - 0.7 * v0)
+                    t = t + dt
+                    if step < 10:
+                        dt = t_span[step + 1] - t
+                return x
+
+            peer_mu = timed(lambda: ts.ref_mu(weights, cfg, codes), args.reps)
+            peer_cfm = timed(peer_cfm_fn, max(1, args.reps - 1))
+            peer_voc = timed(lambda: tv.ref_vocode(pt_path, mel, phase, sn), args.reps)
+            peer_chain = tuple(a + b + c for a, b, c in zip(peer_mu, peer_cfm, peer_voc))
+
+        ours_mu = timed(lambda: speech.mu(codes), args.reps)
+        row("decoder+prenet", secs, ours_mu, peer_mu)
+        ours_mel = timed(lambda: speech.mel(codes, z), max(1, args.reps - 1))
+        row("cfm", secs, tuple(a - ours_mu[0] for a in ours_mel), peer_cfm)
+        ours_voc = timed(lambda: voc(mel, phase=phase, source_noise=sn), args.reps)
+        row("vocoder", secs, ours_voc, peer_voc)
+        row("chain (offline)", secs, tuple(a + b for a, b in zip(ours_mel, ours_voc)), peer_chain)
+
+        # streaming: compute of every push, time to first audio
+        got = {"first": None, "calls": 0}
+
+        def on_audio(chunk):
+            got["calls"] += 1
+
+        total = 0.0
+        s = SpeechStream(speech, voc, on_audio, first_codes=10)
+        with torch.no_grad():
+            for frame in codes:
+                t1 = time.perf_counter()
+                s.push(frame)
+                dt_ = time.perf_counter() - t1
+                total += dt_
+                if got["first"] is None and got["calls"]:
+                    got["first"] = dt_
+            t1 = time.perf_counter()
+            s.end_clause()
+            total += time.perf_counter() - t1
+        row("stream (total)", secs, (total, total, total), peer_chain)
+        peer_ttfa = f"{peer_chain[0]:.3f} s after the last code" if peer_chain else "n/a"
+        print(f"{'':16} time to first audio: ours {got['first']:.3f} s after code 10 (0.80 s of speech), "
+              f"reference demo {peer_ttfa}; {s.samples_out / 24000:.2f} s delivered in {got['calls']} chunks",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The CFM estimator (a causal 1-D U-Net) and the Euler solver that turns mu into a mel (MODEL.md §1.8).
+
+`Estimator` is Baichuan's `ConditionalDecoder(causal=True)` with one channel level (`channels` = [256]):
+time MLP -> down block (causal ResNet + n_blocks transformer blocks + causal conv k3) -> num_mid_blocks
+mid blocks (ResNet + transformers) -> up block (concat skip, ResNet + transformers + causal conv k3) -> final
+causal block -> 1x1 conv to 80 mel bins. Module and parameter names follow the checkpoint, so
+`load_state_dict` takes the `conditional_decoder.` tensors directly. The time resolution never changes.
+
+Semantics kept from the reference:
+- CausalConv1d: left zero pad of k-1 frames. LayerNorm over channels per frame, then Mish.
+- Transformer block (diffusers BasicTransformerBlock, layer_norm type): LN -> self-attention (q/k/v without
+  bias, out with bias, scale 1/sqrt(head_dim)) -> +res -> LN -> Linear(4x) + exact GELU -> Linear -> +res.
+- Attention mask: chunk-causal, `CHUNK` = 100 frames: frame i sees frames j < (i // 100 + 1) * 100
+  (`subsequent_chunk_mask`); built in the forward from the length, so an exported graph computes it too.
+- The sequence mask of the reference is all ones for one clause (batch of 1, no padding), so its
+  multiplications are identities and are left out.
+- Time embedding: SinusoidalPosEmb(160, scale 1000): `1000 * t` rounds in t's dtype (bf16 in the reference),
+  then multiplies fp32 frequencies; the result is cast to the activations' dtype before the MLP.
+
+`cfm_solve(estimator, mu, noise, ...)` is `ConditionalCFM.forward` with the start noise given: cosine t grid
+1 - cos(pi/2 * k/n) computed in fp32 and cast to mu's dtype, `t` advanced by `dt` in that dtype, and the
+guided velocity 1.7 * v(x, mu) - 0.7 * v(x, 0); both passes run as one batch of 2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHUNK = 100  # static_chunk_size = 2 * 25 * 2 mel frames (2 s)
+
+
+def attention(q, k, v, mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v for (B, H, T, D); SDPA in torch, the plain formula in ONNX exports
+    (the legacy exporter's SDPA upcasts fp16 scores and leaves mixed types behind)."""
+    if not torch.onnx.is_in_onnx_export():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    s = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if causal:
+        t = q.shape[-2]
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def chunk_mask(t: int, device=None, chunk: int = CHUNK) -> torch.Tensor:
+    """(t, t) bool: query i may attend key j iff j < (i // chunk + 1) * chunk."""
+    pos = torch.arange(t, device=device)
+    limit = (torch.div(pos, chunk, rounding_mode="floor") + 1) * chunk
+    return pos[None, :] < limit[:, None]
+
+
+class CausalConv1d(nn.Conv1d):
+    """Conv1d with k-1 frames of zero padding on the left only (stride 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
+
+
+class CausalBlock(nn.Module):
+    """`block.0` CausalConv1d(k3) -> LayerNorm over channels (`block.2`) -> Mish; x (B, C, T)."""
+
+    def __init__(self, dim: int, dim_out: int):
+        super().__init__()
+        # block.0.weight (dim_out, dim, 3), block.0.bias; block.2.{weight,bias} (dim_out,)
+        self.block = nn.ModuleList([CausalConv1d(dim, dim_out, 3), nn.Identity(), nn.LayerNorm(dim_out)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block[0](x)
+        x = self.block[2](x.transpose(1, 2)).transpose(1, 2)
+        return F.mish(x)
+
+
+class CausalResnet(nn.Module):
+    """CausalResnetBlock1D: block1 -> + time MLP (Mish -> Linear `mlp.1`) -> block2 -> + 1x1 `res_conv`."""
+
+    def __init__(self, dim: int, dim_out: int, tdim: int):
+        super().__init__()
+        self.mlp = nn.ModuleList([nn.Identity(), nn.Linear(tdim, dim_out)])  # mlp.1 (dim_out, tdim)
+        self.block1 = CausalBlock(dim, dim_out)
+        self.block2 = CausalBlock(dim_out, dim_out)
+        self.res_conv = nn.Conv1d(dim, dim_out, 1)  # (dim_out, dim, 1)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.block1(x)
+        h = h + self.mlp[1](F.mish(temb)).unsqueeze(-1)
+        h = self.block2(h)
+        return h + self.res_conv(x)
+
+
+class _Proj(nn.Module):
+    """diffusers GELU: `proj` Linear then exact GELU."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner)
+
+    def forward(self, x):
+        return F.gelu(self.proj(x))
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.to_q = nn.Linear(dim, inner, bias=False)  # attn1.to_q (inner, dim)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # attn1.to_out.0 (dim, inner) + bias
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+                   for p in (self.to_q, self.to_k, self.to_v))
+        o = attention(q, k, v, mask)
+        return self.to_out[0](o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = _Attention(dim, heads, head_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = nn.Module()
+        self.ff.net = nn.ModuleList([_Proj(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])  # ff.net.{0.proj,2}
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), mask)
+        h = self.norm3(x)
+        return x + self.ff.net[2](self.ff.net[0](h))
+
+
+class _TimeMLP(nn.Module):
+    def __init__(self, cin: int, tdim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(cin, tdim)  # time_mlp.linear_1 (1024, 160)
+        self.linear_2 = nn.Linear(tdim, tdim)  # time_mlp.linear_2 (1024, 1024)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class Estimator(nn.Module):
+    """The velocity field v(x, mu, t): x, mu (B, 80, T), t (B,) or () -> (B, 80, T)."""
+
+    def __init__(self, in_channels: int, out_channels: int, channels, n_blocks: int, num_mid_blocks: int,
+                 num_heads: int, head_dim: int):
+        super().__init__()
+        channels = list(channels)
+        if len(channels) != 1:
+            raise ValueError(f"flow_matching_config.channels: only one level is supported (the released [256]), "
+                             f"got {channels}")
+        c = channels[0]
+        tdim = 4 * c
+        self.in_channels = in_channels
+        self.time_mlp = _TimeMLP(in_channels, tdim)
+
+        def tblocks():
+            return nn.ModuleList([TransformerBlock(c, num_heads, head_dim) for _ in range(n_blocks)])
+
+        # down_blocks.0.{0 resnet (160->256), 1.j transformers, 2 CausalConv1d (256, 256, 3)}
+        self.down_blocks = nn.ModuleList([nn.ModuleList([CausalResnet(in_channels, c, tdim), tblocks(),
+                                                         CausalConv1d(c, c, 3)])])
+        self.mid_blocks = nn.ModuleList([nn.ModuleList([CausalResnet(c, c, tdim), tblocks()])
+                                         for _ in range(num_mid_blocks)])
+        # up_blocks.0.{0 resnet (512->256), 1.j, 2 CausalConv1d}
+        self.up_blocks = nn.ModuleList([nn.ModuleList([CausalResnet(2 * c, c, tdim), tblocks(),
+                                                       CausalConv1d(c, c, 3)])])
+        self.final_block = CausalBlock(c, c)
+        self.final_proj = nn.Conv1d(c, out_channels, 1)  # (80, 256, 1)
+
+    def time_embedding(self, t: torch.Tensor, dtype) -> torch.Tensor:
+        half = self.in_channels // 2
+        freq = torch.exp(torch.arange(half, device=t.device).float() * -(math.log(10000) / (half - 1)))
+        e = (1000 * t.reshape(-1)).unsqueeze(1) * freq.unsqueeze(0)  # 1000 * t rounds in t's dtype
+        return self.time_mlp(torch.cat((e.sin(), e.cos()), dim=-1).to(dtype))
+
+    def forward(self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.time_embedding(t, x.dtype)
+        mask = chunk_mask(x.shape[-1], x.device)
+        h = torch.cat([x, mu], dim=1)
+
+        def run(blocks, h):
+            h = h.transpose(1, 2)
+            for blk in blocks:
+                h = blk(h, mask)
+            return h.transpose(1, 2)
+
+        resnet, tf, down = self.down_blocks[0]
+        h = run(tf, resnet(h, temb))
+        skip = h
+        h = down(h)
+        for resnet, tf in self.mid_blocks:
+            h = run(tf, resnet(h, temb))
+        resnet, tf, up = self.up_blocks[0]
+        h = run(tf, resnet(torch.cat([h, skip], dim=1), temb))
+        h = up(h)
+        return self.final_proj(self.final_block(h))
+
+
+def time_grid(n_steps: int, dtype, device=None, scheduler: str = "cosine") -> torch.Tensor:
+    """t_k, k = 0..n: linspace in fp32, cosine-warped, then cast to the model dtype (as the reference)."""
+    t = torch.linspace(0, 1, n_steps + 1, device=device)
+    if scheduler == "cosine":
+        t = 1 - torch.cos(t * 0.5 * torch.pi)
+    elif scheduler != "linear":
+        raise ValueError(f"cfm_params.t_scheduler: expected 'cosine' or 'linear', got {scheduler!r}")
+    return t.to(dtype)
+
+
+def cfm_solve(estimator, mu: torch.Tensor, noise: torch.Tensor, n_steps: int = 10, cfg_rate: float = 0.7,
+              scheduler: str = "cosine") -> torch.Tensor:
+    """Euler integration of dx/dt = v from x = noise at t = 0 to t = 1.
+
+    mu, noise (1, 80, T) in the model dtype. `estimator(x, mu, t)` takes a batch of 2 (guided and unguided
+    pass stacked); any callable with that signature works (a torch module or an ONNX session wrapper)."""
+    t_span = time_grid(n_steps, mu.dtype, mu.device, scheduler)
+    x = noise.to(mu.dtype)
+    t, dt = t_span[0], t_span[1] - t_span[0]
+    guided = cfg_rate > 0
+    mu2 = torch.cat([mu, torch.zeros_like(mu)], dim=0) if guided else mu
+    for step in range(1, n_steps + 1):
+        if guided:
+            v = estimator(torch.cat([x, x], dim=0), mu2, t.reshape(1).expand(2))
+            v = (1.0 + cfg_rate) * v[:1] - cfg_rate * v[1:]
+        else:
+            v = estimator(x, mu2, t.reshape(1))
+        x = x + dt * v
+        t = t + dt
+        if step < n_steps:
+            dt = t_span[step + 1] - t
+    return x

@@ -1,0 +1,538 @@
+"""Speech decode chain: 8 RVQ codes per 80 ms -> 80-bin mel at 50 Hz -> (with `omni_edge.vocoder`) 24 kHz audio.
+
+MODEL.md §1.7-1.9 and §2.3. One clause (the codes between `<audiogen_start>` and the EOS frame) is decoded as:
+
+    codes (N, 8) --rvq decode (sum of codebook rows, fp32, layer 7 down to 0)--> (N, 5120)
+      --proj_decoder--> (N, 1280) --AudioDecoder--> (4N-1, 1280) @ 50 Hz --Prenet--> mu (80, T)
+      --CFM: 10 Euler steps, CFG 0.7, chunk-causal U-Net--> mel (80, T), T = 4N - 1
+      --Vocoder (HiFT)--> 480 T samples at 24 kHz
+
+Interface (used by the audio head / `omni_edge.speak`; the pipeline builds the two stages):
+
+    speech = SpeechDecoder.from_checkpoint(ckpt, cfg, device="cpu", dtype=torch.float32,   # cfg: ModelConfig
+                                           backend="auto", bundle_dir=None, manifest=None, threads=None)
+    vocoder = Vocoder.from_file("vocoder.safetensors")            # or hift.pt; omni_edge.vocoder
+    vocoder.select_backend("auto", bundle_dir, manifest)          # optional: the trunk in onnxruntime
+    mel = speech.mel(codes)                                       # (80, T) fp32; noise=None -> NoiseBuffer(0)
+    wave = decode_clause(speech, vocoder, codes, noise=None)      # offline: float32 (480 T,), T = 4N - 1
+
+    stream = SpeechStream(speech, vocoder, on_audio=callback)     # callback(chunk: torch float32 (n,), 24 kHz)
+    for frame in frames: stream.push(frame)                       # frame: LongTensor (8,), one per 80 ms
+    stream.end_clause()                                           # flush the clause (at the EOS frame)
+    wave = stream.decode_clause(codes, noise=None)                # offline decode with the stream's seed
+    speech.describe(), vocoder.describe()                         # backends and why
+
+The EOS frame (code_0 == 8192) is not pushed: call `end_clause()` instead. `codes` rows hold one code per
+codebook (0 <= code < codebook size); anything else raises `SpeechError` (a ValueError) naming the entry.
+
+Randomness is explicit: the CFM start noise is a `NoiseBuffer` (fixed per absolute mel frame: block b of 100
+frames is drawn from its own generator seeded with (seed, b)), or a tensor given by the caller; the vocoder's
+sine phase and noise likewise (see `omni_edge.vocoder`). So a streamed clause and its offline decode use
+the same draws.
+
+Streaming and what "equal to offline" means here:
+- The audio decoder's layers and the prenet are causal, the estimator's attention is chunk-causal (100 mel
+  frames = 25 codes) and its convolutions are causal, so with the same noise the mel of a finished chunk
+  does not change when later codes arrive ... except for one non-causal op: `dconv1`'s GroupNorm(1, 1280)
+  normalises over the whole clause (all channels and all frames). A stream that emits before the clause
+  ends must use the statistics of the codes it has ("prefix statistics"); the offline decode uses the whole
+  clause. `SpeechStream(norm_stats=...)` can pin the statistics (tests pin them to the clause's own, and then
+  the stream equals the offline decode to rounding); by default the prefix statistics are used, which is
+  what a real-time stream can do.
+- A first chunk is decoded after `first_codes` codes (default 10 = 0.8 s of speech) as a preview: the chunk
+  is not complete yet, so its attention sees fewer frames than the offline decode; when the chunk
+  completes it is recomputed and only samples not yet emitted are sent (the vocoder cross-fades the seam).
+  Later chunks are decoded on chunk boundaries (every 25 codes); the rest of the clause at `end_clause()`.
+- Every decode re-runs the chain on the clause so far (exact: chunk-causal attention needs the full left
+  context), so nothing emitted depends on how the codes were split into pushes. The price is compute: a
+  clause of N codes costs the frames 40 + 100 + 200 + ... + 4N instead of 4N (about 2.7x offline for 4 s).
+  Caching each finished chunk's per-step block inputs would remove it, at ~1.15 MB per frame in fp32
+  (10 steps x 2 passes x 56 blocks x 256 channels): not done; see the benchmark for the measured cost.
+- Clauses are joined as the reference's `wave_concat` joins segments: an extra 240-sample linear cross-fade
+  (last 240 samples of the previous clause fading out, first 240 of the next fading in) is inserted between
+  them (MODEL.md §2.3). The vocoder's output is otherwise delivered unchanged (clamped to +-0.99 by HiFT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omni_edge.config import ModelConfig
+from omni_edge.flow import CHUNK, Estimator, attention, cfm_solve
+from omni_edge.ops import rvq
+
+N_MELS = 80
+MEL_PER_CODE = 4  # dconv1 stride (avg_pooler): 12.5 Hz codes -> 50 Hz frames
+JOIN_SAMPLES = 240  # wave_concat overlap: int(24000 * 0.01)
+
+
+class SpeechError(ValueError):
+    """Bad input to the speech chain (codes of the wrong shape or range, a clause too long)."""
+
+
+def mel_frames(n_codes: int) -> int:
+    """Mel frames of a clause of n codes: (n - 1) * 4 + 3 (ConvTranspose k3 s4, nothing trimmed)."""
+    return 0 if n_codes <= 0 else (n_codes - 1) * MEL_PER_CODE + 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Audio decoder (OmniAudioDecoder up to hidden_states_before_dconv2) and prenet
+# ------------------------------------------------------------------------------------------------
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The reference RMSNorm: variance in fp32, x * rsqrt in fp32, cast back when the weight is half."""
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    h = x * torch.rsqrt(var + eps)
+    if w.dtype in (torch.float16, torch.bfloat16):
+        h = h.to(w.dtype)
+    return w * h
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return _rms_norm(x, self.weight)
+
+
+class _SelfAttention(nn.Module):
+    """OmniWhisperAttention, causal: q/v/out with bias, k without; scale 1/sqrt(head_dim)."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(d, d)  # (d, d) + bias
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, d)
+        b, t, d = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        o = attention(q, k, v, causal=True)
+        return self.out_proj(o.transpose(1, 2).reshape(b, t, d))
+
+
+class _Layer(nn.Module):
+    """OmniWhisperTransformerLayer (pre-norm, GELU MLP); LayerNorm or RMSNorm."""
+
+    def __init__(self, d: int, heads: int, ffn: int, rms: bool):
+        super().__init__()
+        norm = (lambda: _RMSNorm(d)) if rms else (lambda: nn.LayerNorm(d))
+        self.self_attn = _SelfAttention(d, heads)
+        self.self_attn_layer_norm = norm()
+        self.fc1 = nn.Linear(d, ffn)
+        self.fc2 = nn.Linear(ffn, d)
+        self.final_layer_norm = norm()
+
+    def forward(self, x):
+        x = x + self.self_attn(self.self_attn_layer_norm(x))
+        x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        if (x.dtype in (torch.float16, torch.bfloat16) and not torch.jit.is_tracing()
+                and not bool(torch.isfinite(x).all())):
+            lim = torch.finfo(x.dtype).max - 1000  # the reference's overflow clamp (half dtypes only)
+            x = x.clamp(-lim, lim)
+        return x
+
+
+class _ConvT(nn.Module):
+    def __init__(self, d: int, k: int, stride: int):
+        super().__init__()
+        self.conv = nn.ConvTranspose1d(d, d, k, stride)  # dconv1.conv.weight (d_in, d_out, 3), bias (d,)
+        self.norm = nn.GroupNorm(1, d)  # dconv1.norm.{weight,bias} (d,)
+
+
+class AudioDecoder(nn.Module):
+    """proj_decoder + OmniAudioDecoder up to `hidden_states_before_dconv2` (dconv2 and post_net skipped)."""
+
+    def __init__(self, d: int, bridge_dim: int, heads: int, ffn: int, layers: int, positions: int, stride: int = 4,
+                 kernel: int = 3):
+        super().__init__()
+        self.d, self.stride, self.kernel = d, stride, kernel
+        self.proj_decoder = nn.Linear(bridge_dim, d)  # audio_bridge_model.proj_decoder (1280, 5120) + bias
+        self.dconv1 = _ConvT(d, kernel, stride)
+        self.register_buffer("positional_embedding", torch.zeros(positions, d))  # (3000, 1280), stored values
+        self.layers = nn.ModuleList([_Layer(d, heads, ffn, rms=False) for _ in range(layers)])
+        self.layer_norm = nn.LayerNorm(d)
+
+    @property
+    def max_frames(self) -> int:
+        return self.positional_embedding.shape[0]
+
+    def upsample(self, emb: torch.Tensor, n_frames: int):
+        """ConvTranspose of (N, d) code embeddings -> (1, d, n_frames) before GroupNorm (n_frames <= 4N)."""
+        x = self.dconv1.conv(emb.t().unsqueeze(0))  # (1, d, (N-1)*4+3)
+        if n_frames > x.shape[-1]:  # the next code's bias-only frame: known once more codes follow
+            bias = self.dconv1.conv.bias.view(1, -1, 1).expand(1, -1, n_frames - x.shape[-1])
+            x = torch.cat([x, bias.to(x.dtype)], dim=-1)
+        return x[..., :n_frames]
+
+    @staticmethod
+    def norm_stats(x: torch.Tensor):
+        """GroupNorm(1) statistics (mean, biased variance) of (1, d, T) in fp32 (what F.group_norm uses)."""
+        xf = x.float()
+        return xf.mean(), xf.var(unbiased=False)
+
+    def forward(self, emb: torch.Tensor, n_frames: Optional[int] = None, stats=None) -> torch.Tensor:
+        """emb (N, 1280) from proj_decoder -> (T, 1280). n_frames defaults to the clause length 4N-1;
+        `stats` (mean, var) replaces the GroupNorm statistics of this input (streaming)."""
+        n_frames = mel_frames(emb.shape[0]) if n_frames is None else n_frames
+        x = self.upsample(emb, n_frames)
+        gn = self.dconv1.norm
+        if stats is None:
+            x = gn(x)
+        else:
+            mean, var = stats
+            y = (x.float() - mean) * torch.rsqrt(var + gn.eps)
+            x = (y * gn.weight.float().view(1, -1, 1) + gn.bias.float().view(1, -1, 1)).to(x.dtype)
+        x = x.transpose(1, 2)  # (1, T, d)
+        h = (x.float() + self.positional_embedding[:n_frames].float()).to(x.dtype)
+        for layer in self.layers:
+            h = layer(h)
+        return self.layer_norm(h)[0]
+
+
+class Prenet(nn.Module):
+    """FlowmatchingPrenet: (T, 1280) -> mu (T, 80). Interpolation at ratio 1.0 is the identity; the stored
+    positional table is not used by the reference forward."""
+
+    def __init__(self, d_in: int, d: int, heads: int, ffn: int, layers: int, d_out: int, positions: int):
+        super().__init__()
+        self.register_buffer("positional_embedding", torch.zeros(positions, d))  # (5000, 512), unused
+        self.in_mlp = nn.ModuleList([nn.Linear(d_in, 4 * d), nn.Identity(), nn.Linear(4 * d, d)])  # in_mlp.{0,2}
+        self.transformer_layers = nn.ModuleList([_Layer(d, heads, ffn, rms=True) for _ in range(layers)])
+        self.final_norm = _RMSNorm(d)  # (512,)
+        self.out_proj = nn.Linear(d, d_out, bias=False)  # (80, 512)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.in_mlp[2](F.silu(self.in_mlp[0](h))).unsqueeze(0)
+        for layer in self.transformer_layers:
+            x = layer(x)
+        return self.out_proj(self.final_norm(x))[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Noise
+# ------------------------------------------------------------------------------------------------
+
+class NoiseBuffer:
+    """Start noise fixed per absolute frame: frames [100 b, 100 b + 100) come from a generator seeded with
+    (seed, b), so any slice is the same whatever the length asked for."""
+
+    BLOCK = CHUNK
+
+    def __init__(self, seed: int = 0, channels: int = N_MELS):
+        self.seed, self.channels = int(seed), channels
+        self._blocks: List[torch.Tensor] = []
+
+    def take(self, start: int, stop: int) -> torch.Tensor:
+        """(channels, stop - start) fp32."""
+        while len(self._blocks) * self.BLOCK < stop:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + len(self._blocks))
+            self._blocks.append(torch.randn(self.channels, self.BLOCK, generator=g))
+        return torch.cat(self._blocks, dim=1)[:, start:stop]
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class SpeechParams:
+    n_steps: int = 10  # diffusion_steps
+    cfg_rate: float = 0.7  # cfm_params.inference_cfg_rate
+    scheduler: str = "cosine"  # cfm_params.t_scheduler
+
+
+_DEC = "audio_tokenizer.audio_decoder."
+_RVQ = "audio_tokenizer.audio_bridge_model."
+_PRE = "audio_tokenizer.audio_flow_matching_decoder.prenet."
+_EST = "audio_tokenizer.audio_flow_matching_decoder.conditional_decoder."
+
+
+class SpeechDecoder(nn.Module):
+    """codes (N, 8) -> mel (80, 4N-1): RVQ decode, proj_decoder, audio decoder, prenet, CFM."""
+
+    def __init__(self, cfg: ModelConfig, codebooks: Sequence[torch.Tensor]):
+        super().__init__()
+        a, fm = cfg.audio, cfg.flow_matching
+        self.codebook_sizes = [int(c.shape[0]) for c in codebooks]
+        # the reference sums layer 7 first, down to layer 0 (fp32): keep the books in that order
+        self._books_rev = rvq.Codebooks(list(codebooks)[::-1])
+        self.decoder = AudioDecoder(a.d_model, a.bridge_dim, a.decoder_attention_heads, a.decoder_ffn_dim,
+                                    a.decoder_layers, a.decoder_positions, a.avg_pooler, a.decoder_kernel_size)
+        self.prenet = Prenet(fm.prenet_in_dim, fm.prenet_d_model, fm.prenet_attention_heads, fm.prenet_ffn_dim,
+                             fm.prenet_nlayers, fm.prenet_out_dim, fm.prenet_max_source_positions)
+        self.estimator = Estimator(fm.in_channels * 2 + fm.spk_emb_dim, fm.in_channels, fm.channels, fm.n_blocks,
+                                   fm.num_mid_blocks, fm.num_heads, fm.attention_head_dim)
+        if fm.spk_emb_dim:
+            raise ValueError(f"flow_matching_config.spk_emb_dim: only 0 (no speaker embedding) is supported, "
+                             f"got {fm.spk_emb_dim}")
+        self.params = SpeechParams(fm.diffusion_steps, fm.cfm_params.inference_cfg_rate, fm.cfm_params.t_scheduler)
+        # callables, not submodules: an ONNX session wrapper replaces them when the bundle has graphs
+        self.__dict__["estimator_fn"] = self.estimator
+        self.__dict__["decoder_fn"] = None
+        self.backend = "torch"
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, ckpt, cfg: ModelConfig, *, device="cpu", dtype=torch.float32, backend="auto",
+                        bundle_dir=None, manifest=None, threads=None) -> "SpeechDecoder":
+        """Build from a `Checkpoint` (stages rvq, audio_decoder, flow_prenet, flow_estimator). Codebooks stay
+        fp32 (MODEL.md §1.7); the rest is cast to `dtype`."""
+        for stage in ("rvq", "audio_decoder", "flow_prenet", "flow_estimator"):
+            ckpt.require(stage)
+        names = [n for s in ("rvq", "audio_decoder", "flow_prenet", "flow_estimator") for n in ckpt.stage(s)]
+        skip = ("embed_avg", "cluster_size")  # training-only RVQ tensors; dconv2 / post_net are unused too
+        names = [n for n in names if not n.endswith(skip) and not n.startswith((_DEC + "dconv2.", _DEC + "post_net."))]
+        m = cls.from_tensors(cfg, {n: ckpt.get(n) for n in names}, device=device, dtype=dtype)
+        m._select_backend(backend, bundle_dir, manifest, device, dtype, threads)
+        return m
+
+    @classmethod
+    def from_tensors(cls, cfg: ModelConfig, tensors, *, device="cpu", dtype=torch.float32) -> "SpeechDecoder":
+        """Build from checkpoint-named tensors (e.g. `omni_edge.testing.random_tensors` for benchmarks)."""
+        books = [tensors[f"{_RVQ}vq_list.{i}.codebook.embed"].to(device=device, dtype=torch.float32)
+                 for i in range(len(cfg.audio.codebook_sizes))]
+        m = cls(cfg, books)
+        sd = {"decoder.proj_decoder.weight": tensors[_RVQ + "proj_decoder.weight"],
+              "decoder.proj_decoder.bias": tensors[_RVQ + "proj_decoder.bias"]}
+        for name, t in tensors.items():
+            if name.startswith(_DEC) and not name[len(_DEC):].startswith(("dconv2.", "post_net.")):
+                sd["decoder." + name[len(_DEC):]] = t
+            elif name.startswith(_PRE):
+                sd["prenet." + name[len(_PRE):]] = t
+            elif name.startswith(_EST):
+                sd["estimator." + name[len(_EST):]] = t
+        m.load_state_dict(sd, strict=True)
+        m.to(device=device, dtype=dtype).eval()
+        m.requires_grad_(False)
+        m.picks = {}
+        return m
+
+    def _select_backend(self, backend, bundle_dir, manifest, device, dtype, threads):
+        from omni_edge import backends
+        kinds = backends.parse(backend if backend is not None else "auto")
+        picks = {s: backends.resolve(s, kinds[s], bundle_dir, manifest, device, dtype)
+                 for s in ("audio_decoder", "flow_estimator")}
+        self.picks = picks
+        if picks["flow_estimator"].kind == "onnx":
+            est = picks["flow_estimator"].open(threads=threads)
+            e_dt = torch.float16 if picks["flow_estimator"].precision == "float16" else torch.float32
+            self.__dict__["estimator_fn"] = lambda x, mu, t: est.run(
+                x=x.to(e_dt), mu=mu.to(e_dt), t=t.to(e_dt))[0].to(x.dtype)
+        if picks["audio_decoder"].kind == "onnx":
+            dec = picks["audio_decoder"].open(threads=threads)
+            d_dt = torch.float16 if picks["audio_decoder"].precision == "float16" else torch.float32
+            self.__dict__["decoder_fn"] = lambda emb, mean, var: dec.run(emb=emb.to(d_dt), mean=mean, var=var)[0]
+
+    def describe(self) -> str:
+        picks = getattr(self, "picks", None)
+        if not picks:
+            return "torch"
+        return "; ".join(f"{s}: {p.describe()}" for s, p in picks.items())
+
+    # -- the chain ---------------------------------------------------------------------------------
+    @property
+    def dtype(self):
+        return self.decoder.layer_norm.weight.dtype
+
+    @property
+    def device(self):
+        return self.decoder.layer_norm.weight.device
+
+    def check_codes(self, codes) -> torch.Tensor:
+        codes = torch.as_tensor(codes)
+        if codes.dim() != 2 or codes.shape[1] != len(self.codebook_sizes):
+            raise SpeechError(f"codes: expected shape (N, {len(self.codebook_sizes)}), got {tuple(codes.shape)}")
+        if codes.dtype not in (torch.int64, torch.int32):
+            raise SpeechError(f"codes: expected an integer tensor (int64 / int32), got {codes.dtype}")
+        max_codes = (self.decoder.max_frames - 3) // MEL_PER_CODE + 1
+        if not 1 <= codes.shape[0] <= max_codes:
+            raise SpeechError(f"codes: a clause holds 1 to {max_codes} frames (the audio decoder's position table "
+                              f"has {self.decoder.max_frames} rows), got {codes.shape[0]}")
+        lim = torch.tensor(self.codebook_sizes, dtype=codes.dtype)
+        bad = (codes < 0) | (codes >= lim)
+        if bool(bad.any()):
+            t, l = (int(v) for v in bad.nonzero()[0])
+            raise SpeechError(f"codes[{t}, {l}] = {int(codes[t, l])} is outside [0, {self.codebook_sizes[l]}) "
+                              f"(codebook {l}; the EOS code {self.codebook_sizes[0]} ends a clause and is not decoded)")
+        return codes.to(torch.int64)
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """(N, 8) -> (N, 1280): Σ codebook rows in fp32 (layer 7 first), cast to the model dtype, proj_decoder."""
+        s = rvq.decode(codes.flip(1).contiguous().to(self._books_rev.device), self._books_rev)
+        return self.decoder.proj_decoder(s.to(self.dtype))
+
+    @torch.no_grad()
+    def mu(self, codes, n_frames: Optional[int] = None, stats=None) -> torch.Tensor:
+        """codes (N, 8) -> mu (80, T): decoder + prenet. n_frames / stats as in `AudioDecoder.forward`."""
+        codes = self.check_codes(codes)
+        emb = self.embed(codes)
+        n = mel_frames(codes.shape[0]) if n_frames is None else n_frames
+        if self.decoder_fn is not None:
+            x = self.decoder.upsample(emb, n)
+            mean, var = stats if stats is not None else AudioDecoder.norm_stats(x)
+            return self.decoder_fn(emb, torch.as_tensor(mean).float().reshape(1),
+                                   torch.as_tensor(var).float().reshape(1))[0, :, :n].to(self.dtype)
+        h = self.decoder(emb, n, stats)
+        return self.prenet(h).t()
+
+    @torch.no_grad()
+    def mel(self, codes, noise=None, *, n_frames: Optional[int] = None, stats=None, seed: int = 0) -> torch.Tensor:
+        """codes (N, 8) -> mel (80, T) fp32. noise: (80, >=T) tensor, a NoiseBuffer, or None (NoiseBuffer(seed))."""
+        mu = self.mu(codes, n_frames, stats)
+        t = mu.shape[1]
+        if noise is None:
+            noise = NoiseBuffer(seed)
+        z = noise.take(0, t) if isinstance(noise, NoiseBuffer) else torch.as_tensor(noise).reshape(N_MELS, -1)
+        if z.shape[1] < t:
+            raise SpeechError(f"noise: expected at least {t} frames (80, {t}), got {tuple(z.shape)}")
+        z = z[:, :t].to(device=mu.device, dtype=mu.dtype)
+        p = self.params
+        out = cfm_solve(self.estimator_fn, mu.unsqueeze(0), z.unsqueeze(0), p.n_steps, p.cfg_rate, p.scheduler)
+        return out[0].float()
+
+
+def decode_clause(speech: SpeechDecoder, vocoder, codes, noise=None, *, seed: int = 0, fade: bool = True):
+    """Offline: one clause's codes (N, 8) -> float32 wave (480 (4N-1),) at 24 kHz (the end fade applied
+    like a stream's `end_clause`, unless fade=False)."""
+    from omni_edge.vocoder import VocoderNoise, end_fade
+
+    mel = speech.mel(codes, noise if noise is not None else NoiseBuffer(seed))
+    wave = vocoder(mel, noise=VocoderNoise(seed))
+    return end_fade(wave) if fade else wave
+
+
+def wave_concat(waves: Sequence[torch.Tensor], overlap: int = JOIN_SAMPLES) -> torch.Tensor:
+    """The reference's join (web_demo `wave_concat`): between consecutive segments longer than `overlap`,
+    insert a linear cross-fade of the previous segment's last and the next segment's first `overlap`
+    samples (nothing is removed)."""
+    out = []
+    for i, w in enumerate(waves):
+        if i > 0 and waves[i - 1].shape[-1] > overlap and w.shape[-1] > overlap:
+            out.append(_join(waves[i - 1][-overlap:], w[:overlap]))
+        out.append(w)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _join(tail: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    n = tail.shape[-1]
+    return tail * torch.linspace(1.0, 0.0, n) + head * torch.linspace(0.0, 1.0, n)
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming
+# ------------------------------------------------------------------------------------------------
+
+class SpeechStream:
+    """Push codes frame by frame; audio arrives through `on_audio(chunk)` (torch float32 (n,), 24 kHz).
+
+    first_codes: codes before the first (preview) decode of a clause (None: wait for the first full chunk).
+    hop_codes: later decodes happen when the clause holds a multiple of hop_codes codes; the default 25 is one
+      estimator chunk, so each such decode finalises a chunk (a smaller hop decodes previews more often:
+      lower latency, more compute, a cross-fade at each revised seam).
+    norm_stats: None (prefix statistics, see the module docstring) or a callable codes -> (mean, var) used
+      for every decode of a clause (tests pass the clause's own statistics).
+    seed: CFM and vocoder noise; clause k uses seed + k (each clause starts with fresh noise, as the
+      reference draws new noise per segment)."""
+
+    def __init__(self, speech: SpeechDecoder, vocoder, on_audio: Callable, *, first_codes: Optional[int] = 10,
+                 hop_codes: int = CHUNK // MEL_PER_CODE, seed: int = 0, norm_stats: Optional[Callable] = None,
+                 lookahead: Optional[int] = None, fade: bool = True):
+        from omni_edge.vocoder import VocoderStream  # noqa: F401 (fail early if missing)
+
+        if first_codes is not None and not 1 <= first_codes:
+            raise SpeechError(f"first_codes: expected None or >= 1, got {first_codes}")
+        if not isinstance(hop_codes, int) or hop_codes < 1:
+            raise SpeechError(f"hop_codes: expected an integer >= 1, got {hop_codes!r}")
+        self.hop_codes = hop_codes
+        self.speech, self.vocoder, self.on_audio = speech, vocoder, on_audio
+        self.first_codes, self.seed, self.norm_stats = first_codes, int(seed), norm_stats
+        self.lookahead, self.fade = lookahead, fade
+        self.clauses = 0
+        self.samples_out = 0
+        self._prev_tail: Optional[torch.Tensor] = None  # last JOIN_SAMPLES of the previous clause
+        self._start_clause()
+
+    def _start_clause(self):
+        from omni_edge.vocoder import VocoderNoise, VocoderStream
+
+        seed = self.seed + self.clauses
+        self._codes: List[torch.Tensor] = []
+        self._noise = NoiseBuffer(seed)
+        kw = {} if self.lookahead is None else {"lookahead": self.lookahead}
+        self._voc = VocoderStream(self.vocoder, noise=VocoderNoise(seed), **kw)
+        self._pending = torch.zeros(0)  # first samples of this clause, held for the join
+        self._joined = False
+        self._tail = torch.zeros(0)  # last JOIN_SAMPLES samples of this clause
+        self._clause_samples = 0
+
+    def decode_clause(self, codes, noise=None) -> torch.Tensor:
+        """Offline decode of one whole clause with this stream's models and seed (not delivered to on_audio):
+        codes (N, 8) -> float32 wave (480 (4N - 1),). noise: None (the seeded buffer) or (80, >= 4N - 1)."""
+        return decode_clause(self.speech, self.vocoder, codes, noise, seed=self.seed + self.clauses, fade=self.fade)
+
+    def push(self, codes) -> None:
+        c = torch.as_tensor(codes).reshape(-1)
+        if c.numel() != len(self.speech.codebook_sizes):
+            raise SpeechError(f"push: expected one frame of {len(self.speech.codebook_sizes)} codes, got shape "
+                              f"{tuple(torch.as_tensor(codes).shape)}")
+        self.speech.check_codes(c.reshape(1, -1))
+        self._codes.append(c.to(torch.int64))
+        n = len(self._codes)
+        if n == self.first_codes or n % self.hop_codes == 0:
+            self._decode(final=False)
+
+    def _decode(self, final: bool):
+        codes = torch.stack(self._codes)
+        n = codes.shape[0]
+        n_frames = mel_frames(n) if final else n * MEL_PER_CODE
+        stats = self.norm_stats(codes) if self.norm_stats is not None else None
+        mel = self.speech.mel(codes, self._noise, n_frames=n_frames, stats=stats)
+        # frames of complete chunks are final; a preview covers what exists
+        wave = self._voc.push(mel, final=final)
+        self._emit(wave, final)
+
+    def _emit(self, wave: torch.Tensor, final: bool):
+        from omni_edge.vocoder import end_fade
+
+        if final and self.fade:
+            wave = end_fade(wave)  # the final push always carries >= `lookahead` frames, more than the fade
+        out = []
+        if self._prev_tail is not None and not self._joined:
+            # wave_concat: hold this clause's first samples until JOIN_SAMPLES + 1 exist, insert the cross-fade
+            self._pending = torch.cat([self._pending, wave])
+            if self._pending.shape[0] > JOIN_SAMPLES or final:
+                if self._pending.shape[0] > JOIN_SAMPLES:
+                    out.append(_join(self._prev_tail, self._pending[:JOIN_SAMPLES]))
+                out.append(self._pending)
+                self._joined = True
+        else:
+            out.append(wave)
+        self._clause_samples += wave.shape[0]
+        self._tail = torch.cat([self._tail, wave])[-JOIN_SAMPLES:]
+        for w in out:
+            if w.numel():
+                self.samples_out += w.shape[0]
+                self.on_audio(w)
+
+    def end_clause(self) -> None:
+        """Decode the rest of the clause and flush it; the next push starts a new clause."""
+        if not self._codes:
+            return
+        self._decode(final=True)
+        self._prev_tail = self._tail if self._clause_samples > JOIN_SAMPLES else None
+        self.clauses += 1
+        self._start_clause()
+
+    def close(self) -> None:
+        self.end_clause()
