@@ -102,6 +102,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audio", action="append", default=[], metavar="PATH",
                    help="attach audio (wav, flac, ogg, mp3, m4a, ...); repeatable. With --prompt \"\" the "
                         "audio alone is the question")
+    p.add_argument("--speak", metavar="OUT.wav",
+                   help="spoken replies (Baichuan-Omni with its vocoder): text and speech alternate per clause "
+                        "and the speech streams as it is generated, into OUT.wav (24 kHz; interactively one "
+                        "numbered file per reply: OUT-1.wav, OUT-2.wav, ...)")
+    p.add_argument("--play", action="store_true",
+                   help="with --speak: also play the speech through the sound card as it arrives (needs the "
+                        "sounddevice package)")
+    p.add_argument("--voice", metavar="TEXT", default=DEFAULT_VOICE,
+                   help="with --speak: the system prompt that picks the voice (default: the reference demo's, "
+                        f"{DEFAULT_VOICE}); --system, if given too, follows it")
+    p.add_argument("--vocoder", metavar="PATH",
+                   help="the HiFT vocoder for --speak (hift.pt or vocoder.safetensors; default: the one in the "
+                        "model folder)")
+    p.add_argument("--first-audio-frames", type=int, default=10, metavar="N",
+                   help="with --speak: decode a clause's first audio after N frames of 80 ms (default 10)")
     p.add_argument("--backend", action="append", default=None, metavar="SPEC",
                    help="how the dense media stages run: auto (ONNX graph when the bundle has one and onnxruntime "
                         "imports, else torch), torch, onnx, or STAGE=KIND for one stage (e.g. vision=onnx); "
@@ -147,7 +162,102 @@ def stats_line(reply) -> str:
             f"peak_rss_mb={_peak_rss_mb():.0f}")
 
 
+DEFAULT_VOICE = "请用【邻家女声】这个声音回答问题。"  # the reference demo's system prompt ("answer in the girl-next-door voice")
 MEDIA_COMMANDS = {"/image": "image", "/video": "video", "/audio": "audio"}
+
+
+class SpeechOut:
+    """Spoken replies: streams 24 kHz chunks into a wav file (written under a temporary name and renamed when
+    the reply is complete, so no half-written file is left) and, with `play`, to the sound card."""
+
+    RATE = 24000
+
+    def __init__(self, model, path: str, *, play: bool, first_frames: int, seed, err: TextIO):
+        self.model, self.base, self.play, self.first_frames, self.seed, self.err = \
+            model, path, play, first_frames, seed, err
+        self.count = 0
+        self.player = None
+        if play:
+            try:
+                import sounddevice  # noqa: F401
+            except ImportError:
+                err.write("omni-edge: --play needs the sounddevice package (pip install sounddevice, and the "
+                          "PortAudio library: apt-get install libportaudio2); writing the wav file only\n")
+                self.play = False
+
+    def path_for(self, numbered: bool) -> str:
+        if not numbered:
+            return self.base
+        import os
+
+        stem, ext = os.path.splitext(self.base)
+        return f"{stem}-{self.count}{ext or '.wav'}"
+
+    def send(self, session, content, params, *, write, numbered: bool, on_notice):
+        import os
+        import time
+        import wave
+
+        import numpy as np
+
+        self.count += 1
+        path = self.path_for(numbered)
+        tmp = f"{path}.partial-{os.getpid()}"
+        first = [None]
+        samples = [0]
+        t0 = time.perf_counter()
+        out = wave.open(tmp, "wb")
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(self.RATE)
+        stream_out = None
+        if self.play:
+            import sounddevice
+
+            stream_out = sounddevice.OutputStream(samplerate=self.RATE, channels=1, dtype="float32")
+            stream_out.start()
+
+        def on_audio(chunk):
+            x = chunk.detach().float().cpu().numpy()
+            if first[0] is None:
+                first[0] = time.perf_counter() - t0
+            samples[0] += x.size
+            out.writeframes((np.clip(x, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes())
+            if stream_out is not None:
+                stream_out.write(x.reshape(-1, 1))
+
+        ok = False
+        try:
+            head, stream = self.model.speech_outputs(on_audio, first_codes=self.first_frames, seed=self.seed)
+            from omni_edge.speak import SpeakParams
+
+            speak_params = SpeakParams().greedy() if params.greedy else SpeakParams()
+            reply = session.send_spoken(content, head, params=speak_params, max_new_tokens=params.max_new_tokens,
+                                        on_text=write,
+                                        on_audio_frame=stream.push, on_clause_end=stream.end_clause,
+                                        on_notice=on_notice)
+            stream.close()
+            ok = True
+        finally:
+            out.close()
+            if stream_out is not None:
+                stream_out.stop()
+                stream_out.close()
+            if ok:
+                os.replace(tmp, path)
+            elif os.path.exists(tmp):
+                os.remove(tmp)
+        reply.audio_path, reply.audio_seconds = path, samples[0] / self.RATE
+        reply.first_audio_s, reply.wall_s = first[0], time.perf_counter() - t0
+        return reply
+
+
+def speech_stats_line(reply) -> str:
+    first = "n/a" if reply.first_audio_s is None else f"{reply.first_audio_s:.2f}"
+    rtf = reply.wall_s / reply.audio_seconds if reply.audio_seconds else float("nan")
+    return (f"stats: prompt_tokens={reply.prompt_tokens} text_tokens={reply.text_tokens} audio_frames={reply.frames} "
+            f"segments={len(reply.segments)} audio_s={reply.audio_seconds:.2f} first_audio_s={first} "
+            f"rtf={rtf:.2f} peak_rss_mb={_peak_rss_mb():.0f}")
 
 
 def message_content(model, text: str, media) -> object:
@@ -193,7 +303,7 @@ def read_message(read_line: Callable[[str], Optional[str]]) -> Optional[str]:
 
 
 def interactive(session, params, read_line: Callable[[str], Optional[str]], out: TextIO, err: TextIO,
-                *, stats: bool = False, model=None) -> int:
+                *, stats: bool = False, model=None, speech: Optional[SpeechOut] = None) -> int:
     """The read-reply loop. Errors in a turn are reported and the session goes on; EOF or /exit ends it.
     `/image PATH` (and /video, /audio) attach media to the next message; `model` loads them."""
     pending = []  # [(kind, path)] attached to the next message
@@ -257,8 +367,12 @@ def interactive(session, params, read_line: Callable[[str], Optional[str]], out:
             continue
         pending = []
         try:
-            reply = session.send(content, params, on_text=write,
-                                 on_notice=lambda t: err.write(f"({t})\n"))
+            if speech is not None:
+                reply = speech.send(session, content, params, write=write, numbered=True,
+                                    on_notice=lambda t: err.write(f"({t})\n"))
+            else:
+                reply = session.send(content, params, on_text=write,
+                                     on_notice=lambda t: err.write(f"({t})\n"))
         except KeyboardInterrupt:
             out.write("\n")
             out.flush()
@@ -271,8 +385,10 @@ def interactive(session, params, read_line: Callable[[str], Optional[str]], out:
             continue
         out.write("\n")
         out.flush()
+        if speech is not None:
+            err.write(f"(speech: {reply.audio_path}, {reply.audio_seconds:.1f} s)\n")
         if stats:
-            err.write(stats_line(reply) + "\n")
+            err.write((speech_stats_line(reply) if speech is not None else stats_line(reply)) + "\n")
 
 
 def _stdin_reader(interactive_tty: bool) -> Callable[[str], Optional[str]]:
@@ -356,11 +472,27 @@ def run(args) -> int:
                        "/image PATH, /video PATH or /audio PATH")
     if prompt is not None and not prompt.strip() and not media:
         raise CliError("the prompt is empty (an empty prompt is allowed only with --image, --video or --audio)")
+    if args.play and not args.speak:
+        raise CliError("--play plays spoken replies: give --speak OUT.wav too")
+    if args.json and args.speak:
+        raise CliError("--json describes text replies; drop it with --speak")
+    if args.first_audio_frames < 1:
+        raise CliError(f"--first-audio-frames must be >= 1, got {args.first_audio_frames}")
     try:
         model = pipeline.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
-                              max_context=args.max_context, threads=args.threads, backend=args.backend)
+                              max_context=args.max_context, threads=args.threads, backend=args.backend,
+                              vocoder=args.vocoder)
     except pipeline.ModelLoadError as e:
         raise CliError(str(e)) from None
+    speech = None
+    if args.speak:
+        try:
+            model.check_speech()
+        except ValueError as e:
+            raise CliError(f"--speak: {e}") from None
+        speech = SpeechOut(model, args.speak, play=args.play, first_frames=args.first_audio_frames,
+                           seed=args.seed, err=sys.stderr)
+        args.system = args.voice + (args.system or "")
     for kind in dict.fromkeys(k for k, _ in media):
         try:
             model.check_media(kind)
@@ -383,19 +515,25 @@ def run(args) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
+        notice = lambda t: sys.stderr.write(f"omni-edge: {t}\n")  # noqa: E731
         try:
             content = message_content(model, prompt, media)
-            reply = session.send(content, params, on_text=None if args.json else write,
-                                 on_notice=lambda t: sys.stderr.write(f"omni-edge: {t}\n"))
+            if speech is not None:
+                reply = speech.send(session, content, params, write=write, numbered=False, on_notice=notice)
+            else:
+                reply = session.send(content, params, on_text=None if args.json else write, on_notice=notice)
         except ValueError as e:
             raise CliError(str(e)) from None
         sys.stdout.write(_reply_json(reply, model) + "\n" if args.json else "\n")
         sys.stdout.flush()
+        if speech is not None:
+            sys.stderr.write(f"omni-edge: speech written to {reply.audio_path} ({reply.audio_seconds:.1f} s)\n")
         if args.stats:
-            sys.stderr.write(stats_line(reply) + "\n")
+            sys.stderr.write((speech_stats_line(reply) if speech is not None else stats_line(reply)) + "\n")
         return 0
 
     tty = sys.stdin.isatty()
     if tty:
         sys.stderr.write('Type a message; /help for commands, """ for multi-line, Ctrl-D to quit.\n')
-    return interactive(session, params, _stdin_reader(tty), sys.stdout, sys.stderr, stats=args.stats, model=model)
+    return interactive(session, params, _stdin_reader(tty), sys.stdout, sys.stderr, stats=args.stats, model=model,
+                       speech=speech)

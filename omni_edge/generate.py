@@ -237,6 +237,16 @@ class Reply:
         return len(self.step_s) / self.decode_s if self.decode_s > 0 and self.step_s else float("nan")
 
 
+class _Bounded:
+    """A backbone seen with a shorter cache: the spoken-reply driver stops at `max_len` as at a full context."""
+
+    def __init__(self, backbone, max_len: int):
+        self._bb, self.max_len = backbone, max_len
+
+    def __getattr__(self, name):
+        return getattr(self._bb, name)
+
+
 # The KV cache belongs to the backbone, so one session at a time holds its conversation there: a session
 # that finds another one used the cache since its own last turn re-prefills its whole conversation.
 _CACHE_USER: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -369,6 +379,95 @@ class ChatSession:
     def render(self, user=None, *, speak: bool = False) -> Rendered:
         return self.prompt.render_spans(self.messages(user, speak=speak))
 
+    def _keep(self, keys: Sequence[object]) -> int:
+        """Length of the cached prefix that the rendered keys share (at least one position is left to run)."""
+        keep = 0
+        limit = min(len(self.cached), len(keys) - 1)
+        while keep < limit and self.cached[keep] == keys[keep]:
+            keep += 1
+        return keep
+
+    @torch.inference_mode()
+    def send_spoken(self, user, head, *, params=None, max_new_tokens: Optional[int] = None,
+                    on_text: Optional[Callable[[str], None]] = None,
+                    on_audio_frame: Optional[Callable[[torch.Tensor], None]] = None,
+                    on_clause_end: Optional[Callable[[], None]] = None,
+                    on_notice: Optional[Callable[[str], None]] = None):
+        """One turn with a spoken reply (MODEL.md §2.3): `<audiotext_start_baichuan>` before `<C_A>`, then text
+        and audio alternate per clause (`omni_edge.speak.speak`, with the audio `head`). Audio frames (8 codes
+        each) go to `on_audio_frame` as they are sampled and `on_clause_end` marks the end of each segment (the
+        speech decoder streams from there). The history keeps what the KV cache holds: the fed ids with each
+        audio segment as an "audiogen" span of its codes, so a later turn reuses the cache, and a re-prefill
+        rebuilds the same rows from the codes. `max_new_tokens` bounds the positions the reply may fill (text
+        tokens and audio frames together; the reply ends as at a full context). Returns
+        `omni_edge.speak.SpokenReply` with `notices` and `prefill_s` added."""
+        import hashlib
+
+        from omni_edge.speak import SpeakParams, speak
+
+        params = params or SpeakParams()
+        self._claim_cache()
+        notices: List[str] = []
+
+        def notice(text: str) -> None:
+            notices.append(text)
+            if on_notice is not None:
+                on_notice(text)
+
+        rendered, _ = self._fit(user, SamplingParams(max_new_tokens=MIN_REPLY_TOKENS), notice, speak=True)
+        ids, keys = rendered.ids, rendered.keys()
+        keep = self._keep(keys)
+        self.history.append(self._user_message(user, True))
+        generator = torch.Generator(device=self.device)
+        generator.set_state(self._generator_state)
+        t0 = time.perf_counter()
+        reply = None
+        try:
+            self.cached = self.cached[:keep]
+            hidden = self._prefill(rendered, keep, {})
+            logits = self.backbone.logits(hidden)[0]
+            if not bool(torch.isfinite(logits).all()):
+                raise NonFiniteLogitsError(self._nonfinite_message(len(ids) - 1))
+            self.cached = list(keys)
+            prefill_s = time.perf_counter() - t0
+            bb = self.backbone
+            if max_new_tokens is not None and len(ids) + max_new_tokens < bb.max_len:
+                bb = _Bounded(bb, len(ids) + max_new_tokens)
+            reply = speak(bb, head, self.tokenizer, start=len(ids), logits=logits, context=ids,
+                          params=params, generator=generator, vocab_size=self.vocab_size, on_text=on_text,
+                          on_audio_frame=on_audio_frame, on_clause_end=on_clause_end)
+        finally:
+            self._generator_state = generator.get_state()
+            if reply is None:
+                self.history.pop()
+        fed_ids: List[int] = []
+        spans: List[MediaSpan] = []
+        run: List[Tuple[int, ...]] = []
+
+        def close_run():
+            if run:
+                codes = torch.tensor(run, dtype=torch.long)
+                digest = hashlib.sha256(codes.numpy().tobytes()).hexdigest()
+                spans.append(MediaSpan("audiogen", codes, digest, [(len(fed_ids) - len(run), len(run))]))
+                run.clear()
+
+        for f in reply.fed:
+            if isinstance(f, tuple):
+                fed_ids.append(int(f[0]))
+                run.append(tuple(int(c) for c in f[1]))
+            else:
+                close_run()
+                fed_ids.append(int(f))
+        close_run()
+        self.history.append({"role": "assistant", "content": reply.text, "ids": fed_ids, "spans": spans})
+        after = self.prompt.render_spans(self.messages(), add_generation_prompt=False).keys()
+        self.cached = after[:len(ids) + len(fed_ids)]
+        reply.notices = notices
+        reply.prefill_s = prefill_s
+        reply.prompt_tokens = len(ids)
+        reply.prefilled_tokens = len(ids) - keep
+        return reply
+
     def _claim_cache(self) -> None:
         user_ref = _CACHE_USER.get(self.backbone)
         if user_ref is None or user_ref() is not self:
@@ -407,10 +506,7 @@ class ChatSession:
         sampler = Sampler(params, self.vocab_size, self.device, capacity=self.max_len)
         sampler.generator.set_state(self._generator_state)
 
-        keep = 0
-        limit = min(len(self.cached), len(ids) - 1)  # prefill at least one token to get logits
-        while keep < limit and self.cached[keep] == keys[keep]:
-            keep += 1
+        keep = self._keep(keys)
 
         media_s: Dict[str, float] = {}
         media_tokens: Dict[str, int] = {}
@@ -485,13 +581,14 @@ class ChatSession:
                 f"hold NaN or Inf values (check the files with `omni-edge verify`), or the activations overflowed "
                 f"in {getattr(self.backbone, 'dtype', 'this dtype')} (try --dtype float32)")
 
-    def _fit(self, user, params: SamplingParams, notice: Callable[[str], None]) -> Tuple[Rendered, int]:
+    def _fit(self, user, params: SamplingParams, notice: Callable[[str], None], *,
+             speak: bool = False) -> Tuple[Rendered, int]:
         """Render the turn so that the prompt leaves room for a reply: drop the oldest turns (policy
         "drop-oldest") or refuse, then clip the reply budget to the room left. Returns (rendered, budget)."""
         want = min(params.max_new_tokens, MIN_REPLY_TOKENS)
         dropped = 0
         while True:
-            rendered = self.render(user)
+            rendered = self.render(user, speak=speak)
             n = len(rendered.ids)
             if n + want <= self.max_len:
                 break

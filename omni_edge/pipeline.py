@@ -45,9 +45,13 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
-# Media kind -> (the checkpoint stages it needs, the config section whose absence means "no such input").
+# Media kind -> the checkpoint stages it needs.
 MEDIA_STAGES = {"image": ("visual", "visual_bridge"), "video": ("visual", "visual_bridge"),
                 "audio": ("audio_encoder", "audio_bridge", "rvq", "audio_embed")}
+# Spoken replies: the audio head over the backbone, and the decode chain from codes to mel (the vocoder, a
+# separate file, comes on top: VOCODER_FILES in the model folder, or --vocoder PATH).
+SPEECH_STAGES = ("audio_head", "audio_embed", "rvq", "audio_decoder", "flow_prenet", "flow_estimator")
+VOCODER_FILES = ("vocoder.safetensors", "hift.pt")
 
 
 @dataclass
@@ -67,6 +71,7 @@ class TextModel:
     manifest: Optional[dict] = None  # the bundle manifest, when `path` is an edge bundle
     backends: Dict[str, str] = field(default_factory=lambda: backends.parse(None))  # stage -> auto|torch|onnx
     threads: Optional[int] = None
+    vocoder_path: Optional[str] = None  # the HiFT vocoder file (--vocoder, or found in the model folder)
     _stages: Dict[str, object] = field(default_factory=dict, repr=False)
     sampling_defaults: object = None  # omni_edge.sampling_defaults.SamplingDefaults (generation_config.json)
 
@@ -101,11 +106,29 @@ class TextModel:
         """The media kinds this model takes (none for a plain HF text model)."""
         if self.kind != "omni" or self.checkpoint is None:
             return []
+        have = self._present()
+        return [k for k, need in MEDIA_STAGES.items() if all(st in have for st in need)]
+
+    def _present(self) -> set:
+        """The omni stages whose tensors are all in the checkpoint (checked once)."""
         have = self._stages.get("_present")
         if have is None:
-            needed = {st for need in MEDIA_STAGES.values() for st in need}
+            needed = {st for need in MEDIA_STAGES.values() for st in need} | set(SPEECH_STAGES)
             have = self._stages["_present"] = {st for st in needed if not self.checkpoint.missing(st)}
-        return [k for k, need in MEDIA_STAGES.items() if all(st in have for st in need)]
+        return have
+
+    def check_speech(self) -> None:
+        """ValueError saying what is missing when this model cannot speak."""
+        if self.kind != "omni" or self.checkpoint is None:
+            raise ValueError(f"{self.path} is a plain text model: it has no speech output (spoken replies need a "
+                             f"Baichuan-Omni checkpoint or bundle and its HiFT vocoder)")
+        lacking = [st for st in SPEECH_STAGES if st not in self._present()]
+        if lacking:
+            raise ValueError(f"{self.path} cannot speak: its weights lack the {', '.join(lacking)} stage(s)")
+        if self.vocoder_path is None:
+            raise ValueError(f"{self.path} has no vocoder: spoken replies need the HiFT vocoder (hift.pt from the "
+                             f"Baichuan-Omni-1.5 repository, third_party/cosy24k_vocoder); pass --vocoder PATH, or "
+                             f"put it in the bundle with `omni-edge quantize --vocoder PATH`")
 
     def check_media(self, kind: str) -> None:
         if kind in self.media_kinds():
@@ -140,9 +163,11 @@ class TextModel:
         got = self._stages.get(name)
         if got is not None:
             return got
-        kw = dict(device=self.device, dtype=self.backbone.dtype, backend=self.backends[name],
+        kw = dict(device=self.device, dtype=self.backbone.dtype, backend=self.backends.get(name, "auto"),
                   bundle_dir=self.path if self.manifest is not None else None, manifest=self.manifest,
                   threads=self.threads)
+        if name in ("audio_head", "speech", "vocoder"):
+            self.check_speech()
         try:
             if name == "vision":
                 from omni_edge.vision import VisionStage
@@ -152,6 +177,22 @@ class TextModel:
                 from omni_edge.audio_in import AudioEncoderStage
 
                 got = AudioEncoderStage.from_checkpoint(self.checkpoint, self.config, **kw)
+            elif name == "audio_head":
+                from omni_edge.audio_head import AudioHead
+
+                got = AudioHead.from_checkpoint(self.checkpoint, self.config, device=self.device,
+                                                dtype=self.backbone.dtype)
+            elif name == "speech":
+                from omni_edge.speech import SpeechDecoder
+
+                kw["backend"] = self.backends["audio_decoder"]
+                got = SpeechDecoder.from_checkpoint(self.checkpoint, self.config, **kw)
+            elif name == "vocoder":
+                from omni_edge.vocoder import Vocoder
+
+                got = Vocoder.from_file(self.vocoder_path, device=self.device).select_backend(
+                    self.backends["vocoder"], kw["bundle_dir"], self.manifest, device=self.device,
+                    threads=self.threads)
             else:
                 raise ValueError(f"unknown stage {name!r}")
         except (OSError, KeyError) as e:
@@ -171,19 +212,12 @@ class TextModel:
     def audio_rows(self, codes: torch.Tensor) -> torch.Tensor:
         """Backbone input rows of audio frames: codes (n, 8) -> sum of the 8 tables' rows (n, C), summed in
         the model dtype (MODEL.md §1.4, §1.10)."""
-        tables = self.audio_embed_tables()
-        codes = codes.to(device=self.device, dtype=torch.long)
-        if codes.dim() != 2 or codes.shape[1] != len(tables):
-            raise ValueError(f"audio codes: expected shape (n, {len(tables)}), got {tuple(codes.shape)}")
-        out = None
-        for i, tab in enumerate(tables):
-            c = codes[:, i]
-            if int(c.min()) < 0 or int(c.max()) >= tab.shape[0]:
-                raise ValueError(f"audio codes: layer {i} codes must lie in [0, {tab.shape[0]}), got "
-                                 f"[{int(c.min())}, {int(c.max())}]")
-            rows = tab.index_select(0, c)
-            out = rows if out is None else out + rows
-        return out
+        from omni_edge.audio_head import check_codes, embed_codes
+
+        head = self._stages.get("audio_head")
+        tables = head.embed if head is not None else self.audio_embed_tables()
+        check_codes(codes, self.config.audio.codebook_sizes, eos_allowed=False)
+        return embed_codes(tables, codes.to(device=self.device, dtype=torch.long))
 
     def embed_media(self, spans: Sequence) -> List[torch.Tensor]:
         """Backbone input rows for media spans (one tensor (n_tokens, C) per span, in order): images and
@@ -210,12 +244,27 @@ class TextModel:
     def stage_report(self) -> Dict[str, str]:
         """Each media stage of this model: resident with its backend, or not loaded yet."""
         names = {"image": "vision", "video": "vision", "audio": "audio_encoder"}
+        wanted = [names[k] for k in self.media_kinds()]
+        try:
+            self.check_speech()
+            wanted += ["audio_head", "speech", "vocoder"]
+        except ValueError:
+            pass
         report = {}
-        for kind in self.media_kinds():
-            name = names[kind]
+        for name in dict.fromkeys(wanted):
             st = self._stages.get(name)
             report[name] = st.describe() if st is not None else "not loaded (built on first use)"
         return report
+
+    def speech_outputs(self, on_audio, *, first_codes: int = 10, seed: Optional[int] = None):
+        """The audio head and a streaming decoder for `ChatSession.send_spoken`: returns (head, stream);
+        `stream.push(codes)` / `stream.end_clause()` turn frames into 24 kHz chunks given to `on_audio`."""
+        from omni_edge.speech import SpeechStream
+
+        head = self.stage("audio_head")
+        stream = SpeechStream(self.stage("speech"), self.stage("vocoder"), on_audio, first_codes=first_codes,
+                              seed=0 if seed is None else int(seed))
+        return head, stream
 
     def describe(self) -> Dict[str, object]:
         """What runs: model shape, device, dtype, quantisation, which kernels serve each op family, and the
@@ -275,10 +324,11 @@ def _open_weights(path: Path):
 
 
 def load(path, *, device="cpu", dtype=None, quant: str = "none", max_context: Optional[int] = None,
-         threads: Optional[int] = None, backend=None) -> TextModel:
+         threads: Optional[int] = None, backend=None, vocoder=None) -> TextModel:
     """Open a checkpoint or bundle folder as a model with a KV cache of `max_context` positions (default
     min(4096, max_position_embeddings)). `backend`: `--backend` values for the dense media stages
-    ("auto", "torch", "onnx", "vision=onnx", ...; see omni_edge.backends); stages are built on first use."""
+    ("auto", "torch", "onnx", "vision=onnx", ...; see omni_edge.backends); stages are built on first use.
+    `vocoder`: the HiFT vocoder file for spoken replies (default: vocoder.safetensors or hift.pt in `path`)."""
     from omni_edge.backbone import Backbone
 
     path = Path(path)
@@ -340,4 +390,16 @@ def load(path, *, device="cpu", dtype=None, quant: str = "none", max_context: Op
     backbone.allocate_cache(max_context)
     return TextModel(path=str(path), config=config, tokenizer=tokenizer, prompt=prompt, backbone=backbone,
                      device=device, quant=quant, max_context=max_context, checkpoint=ckpt, manifest=manifest,
-                     backends=stage_backends, threads=threads, sampling_defaults=defaults)
+                     backends=stage_backends, threads=threads, sampling_defaults=defaults,
+                     vocoder_path=_vocoder_file(path, vocoder))
+
+
+def _vocoder_file(path: Path, given) -> Optional[str]:
+    if given is not None:
+        if not Path(given).is_file():
+            raise ModelLoadError(f"--vocoder {given}: no such file")
+        return str(given)
+    for name in VOCODER_FILES:
+        if (path / name).is_file():
+            return str(path / name)
+    return None

@@ -1,0 +1,96 @@
+"""Spoken replies end to end on the tiny checkpoint with a tiny HiFT vocoder: `omni-edge chat --speak OUT.wav`
+writes the speech of the reply as it streams, with the same text and codes as an in-process spoken turn
+(`ChatSession.send_spoken` + the offline decode of each segment: same sample count), the history keeps the
+generated audio as codes so the next turn reuses the KV cache exactly, and missing or bad vocoders are clear
+errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import wave
+
+import pytest
+import torch
+
+from omni_edge import pipeline
+from omni_edge.speak import SpeakParams
+from omni_edge.speech import decode_clause, wave_concat
+
+ENV = dict(os.environ, PYTHONIOENCODING="utf-8")
+BUDGET = 40  # positions of the reply (text tokens and audio frames): keeps the random tiny model's turn short
+
+
+def omni_edge(*args, stdin: str = ""):
+    return subprocess.run([sys.executable, "-m", "omni_edge", *args], input=stdin, capture_output=True,
+                          text=True, encoding="utf-8", env=ENV, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def speaking(tiny_omni, tmp_path_factory):
+    """The tiny checkpoint plus a tiny vocoder in its folder (as a bundle would carry it)."""
+    from omni_edge.testing import write_tiny_vocoder
+
+    d = tmp_path_factory.mktemp("speaking") / "model"
+    shutil.copytree(tiny_omni, d)
+    voc = tmp_path_factory.mktemp("voc")
+    write_tiny_vocoder(voc)
+    shutil.copy(voc / "vocoder.safetensors", d / "vocoder.safetensors")
+    return d
+
+
+def test_speak_writes_the_streamed_speech_of_the_reply(speaking, tmp_path):
+    out = tmp_path / "reply.wav"
+    r = omni_edge("chat", "--model", str(speaking), "--prompt", "Hello", "--temperature", "0",
+                  "--max-new-tokens", str(BUDGET), "--speak", str(out), "--stats", "--first-audio-frames", "4")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "first_audio_s=" in r.stderr
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+    with wave.open(str(out)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+        n = w.getnframes()
+
+    # The same turn in process: same text and codes; the stream delivers exactly the offline sample count.
+    m = pipeline.load(speaking)
+    s = m.session(system="请用【邻家女声】这个声音回答问题。", seed=None)
+    chunks = []
+    head, stream = m.speech_outputs(chunks.append, first_codes=4)
+    reply = s.send_spoken("Hello", head, params=SpeakParams().greedy(), max_new_tokens=BUDGET,
+                          on_audio_frame=stream.push, on_clause_end=stream.end_clause)
+    stream.close()
+    assert r.stdout == reply.text + "\n"
+    assert reply.segments and reply.frames > 0
+    streamed = torch.cat(chunks) if chunks else torch.zeros(0)
+    assert streamed.numel() == n
+    offline = wave_concat([decode_clause(m.stage("speech"), m.stage("vocoder"), codes) for codes in reply.segments
+                           if codes.shape[0] > 0])
+    assert offline.numel() == n
+
+    # The history holds the generated audio as codes: the next turn prefills only its own message, and its
+    # reply equals a fresh session's reply to the same conversation (which rebuilds the pad rows from codes).
+    assistant = s.history[-1]
+    assert assistant["role"] == "assistant" and [sp.kind for sp in assistant["spans"]] == ["audiogen"] * len(
+        assistant["spans"])
+    from omni_edge.generate import SamplingParams
+    greedy = SamplingParams(max_new_tokens=5, temperature=0, repetition_penalty=1.0)
+    cached_before = len(s.cached)
+    follow = s.send("And then?", greedy)
+    assert follow.prefilled_tokens == follow.prompt_tokens - cached_before
+    fresh = m.session(system=s.system)
+    fresh.history = s.history[:-2]
+    assert fresh.send("And then?", greedy).ids == follow.ids
+
+
+def test_speak_errors_name_what_is_missing(tiny_omni, speaking, tmp_path):
+    r = omni_edge("chat", "--model", str(tiny_omni), "--prompt", "Hi", "--speak", str(tmp_path / "a.wav"))
+    assert r.returncode == 2 and "no vocoder" in r.stderr and "--vocoder" in r.stderr
+    bad = tmp_path / "hift.pt"
+    bad.write_bytes(b"not a checkpoint")
+    r = omni_edge("chat", "--model", str(tiny_omni), "--prompt", "Hi", "--speak", str(tmp_path / "a.wav"),
+                  "--vocoder", str(bad), "--max-new-tokens", "8")
+    assert r.returncode == 2 and "hift.pt" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "a.wav").exists()
+    r = omni_edge("chat", "--model", str(speaking), "--prompt", "Hi", "--play")
+    assert r.returncode == 2 and "--speak" in r.stderr
