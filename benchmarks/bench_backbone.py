@@ -32,13 +32,16 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+_TESTS = Path(__file__).resolve().parents[1] / "tests"  # the SmolLM2 converter lives with the tests
+if str(_TESTS) not in sys.path:
+    sys.path.insert(0, str(_TESTS))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,15 +267,10 @@ def tiny_twin(cfg):
 @contextlib.contextmanager
 def decode_path(native: bool):
     """native False: the Python layer loop (OMNI_EDGE_NATIVE_DECODE=0) instead of the native decode step."""
-    prev = os.environ.get("OMNI_EDGE_NATIVE_DECODE")
-    os.environ["OMNI_EDGE_NATIVE_DECODE"] = "1" if native else "0"
-    try:
+    from omni_edge import knobs
+
+    with knobs.override(native_decode=native):
         yield
-    finally:
-        if prev is None:
-            del os.environ["OMNI_EDGE_NATIVE_DECODE"]
-        else:
-            os.environ["OMNI_EDGE_NATIVE_DECODE"] = prev
 
 
 def overhead_ms(cfg, *, q4: bool, dtype, steps: int = 20, native: bool = True) -> float:
@@ -412,7 +410,7 @@ def main() -> int:
     if not args.skip_smollm2:
         from omni_edge import pipeline
         from omni_edge.generate import SamplingParams
-        from omni_edge.testing import smollm2_checkpoint, smollm2_gguf
+        from smollm2_weights import smollm2_checkpoint, smollm2_gguf  # tests/ (see _TESTS)
 
         path = smollm2_checkpoint()
         print(f"SmolLM2-135M-Instruct, real weights; prompt {P} tokens, {N} decode steps (median step)")

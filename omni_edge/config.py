@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -30,6 +31,43 @@ _REQUIRED = object()  # marker default: the key must be present in config.json
 
 def _req():
     return field(default=_REQUIRED)
+
+
+def _where(section: str, key: str) -> str:
+    return key if section.startswith("backbone") else f"{section}.{key}"
+
+
+def _typed(section: str, key: str, annotation, v):
+    """Check one config value against its field's annotation ("int", "float", "Optional[int]", ...); a JSON
+    number written as 4.0 for an integer field is accepted as 4. ValueError names the key and the value."""
+    ann = str(annotation)
+    optional = ann.startswith("Optional[")
+    base = ann[len("Optional["):-1] if optional else ann
+    if v is None and optional:
+        return None
+    shown = repr(v) if len(repr(v)) < 60 else repr(v)[:57] + "..."
+    if base == "int":
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"config.json: {_where(section, key)} must be an integer, got {shown}")
+    elif base == "float":
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"config.json: {_where(section, key)} must be a finite number, got {shown}")
+        v = float(v)
+    elif base == "bool":
+        if not isinstance(v, bool):
+            raise ValueError(f"config.json: {_where(section, key)} must be true or false, got {shown}")
+    elif base == "str":
+        if not isinstance(v, str):
+            raise ValueError(f"config.json: {_where(section, key)} must be a string, got {shown}")
+    elif base == "list":
+        if not isinstance(v, list):
+            raise ValueError(f"config.json: {_where(section, key)} must be a list, got {shown}")
+    elif base == "dict":
+        if not isinstance(v, dict):
+            raise ValueError(f"config.json: {_where(section, key)} must be an object, got {shown}")
+    return v
 
 
 def _build(cls, section: str, d: dict, renames: Optional[dict] = None, **overrides):
@@ -51,7 +89,7 @@ def _build(cls, section: str, d: dict, renames: Optional[dict] = None, **overrid
             continue
         key = renames.get(f.name, f.name)
         if key in d:
-            kwargs[f.name] = d[key]
+            kwargs[f.name] = _typed(section, key, f.type, d[key])
             used.add(key)
         elif f.default is _REQUIRED:
             missing.append(key)
@@ -64,6 +102,15 @@ def _build(cls, section: str, d: dict, renames: Optional[dict] = None, **overrid
 # ------------------------------------------------------------------------------------------------
 # Backbone (MODEL.md §1.5)
 # ------------------------------------------------------------------------------------------------
+
+# Plausible ranges of the backbone's integer keys: far beyond any real model, small enough that a corrupt value
+# is refused here instead of driving an allocation (the loader also checks the layer count against the tensors).
+BACKBONE_LIMITS = {
+    "hidden_size": (1, 2**17), "num_hidden_layers": (1, 4096), "num_attention_heads": (1, 4096),
+    "num_key_value_heads": (1, 4096), "head_dim": (2, 1024), "intermediate_size": (1, 2**20),
+    "vocab_size": (1, 2**24), "max_position_embeddings": (2, 2**24),
+}
+
 
 @dataclass
 class BackboneConfig:
@@ -98,11 +145,17 @@ class BackboneConfig:
         return self.q_size + 2 * self.kv_size
 
     def validate(self) -> "BackboneConfig":
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "intermediate_size", "vocab_size", "max_position_embeddings"):
+        for name, (low, high) in BACKBONE_LIMITS.items():
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"config.json: {name} must be a positive integer, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+                raise ValueError(f"config.json: {name} must be an integer in [{low}, {high}], got {v!r}")
+        if self.q_size > 2**20 or self.qkv_size > 2**20:
+            raise ValueError(f"config.json: num_attention_heads x head_dim = {self.q_size} is implausibly large "
+                             f"(at most 2^20)")
+        for name in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"config.json: {name} must be a positive finite number, got {v!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"config.json: num_attention_heads={self.num_attention_heads} must be a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
@@ -112,9 +165,6 @@ class BackboneConfig:
             raise ValueError(f"config.json: torch_dtype must be one of {DTYPES}, got {self.torch_dtype!r}")
         if self.hidden_act != "silu":
             raise ValueError(f"config.json: hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
-        if not (self.rope_theta > 0 and self.rms_norm_eps > 0):
-            raise ValueError(f"config.json: rope_theta and rms_norm_eps must be positive, got "
-                             f"{self.rope_theta!r}, {self.rms_norm_eps!r}")
         return self
 
 
@@ -294,10 +344,10 @@ _NOT_BACKBONE = {"audio_config", "visual_config", "video_config", "flow_matching
 def _rope_theta(d: dict) -> Optional[float]:
     """rope_theta at the top level (transformers 4.x) or inside rope_parameters (transformers 5)."""
     if "rope_theta" in d:
-        return float(d["rope_theta"])
+        return _typed("backbone", "rope_theta", "float", d["rope_theta"])
     rp = d.get("rope_parameters")
     if isinstance(rp, dict) and "rope_theta" in rp:
-        return float(rp["rope_theta"])
+        return _typed("rope_parameters", "rope_theta", "float", rp["rope_theta"])
     return None
 
 
@@ -343,13 +393,17 @@ def _backbone(d: dict, kind: str) -> BackboneConfig:
         else:
             qkv_bias = bool(d.get("attention_bias", False))
         heads = d.get("num_attention_heads")
+        if heads is not None:  # checked here: head_dim and num_key_value_heads may be derived from it
+            heads = _typed("backbone", "num_attention_heads", "int", heads)
+            if heads < 1:
+                raise ValueError(f"config.json: num_attention_heads must be a positive integer, got {heads}")
         overrides = dict(qkv_bias=qkv_bias, packed_qkv=False, torch_dtype=_dtype_name(d),
                          rope_theta=theta if theta is not None else 10000.0,
                          tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
         if "num_key_value_heads" not in d and heads is not None:
             src["num_key_value_heads"] = heads
-        if d.get("head_dim") is None and heads and d.get("hidden_size"):
-            src["head_dim"] = d["hidden_size"] // heads
+        if d.get("head_dim") is None and heads and d.get("hidden_size") is not None:
+            src["head_dim"] = _typed("backbone", "hidden_size", "int", d["hidden_size"]) // heads
         if d.get("use_sliding_window", False):
             raise ValueError("config.json: use_sliding_window=true is not supported")
     cfg = _build(BackboneConfig, "backbone (top level)", src, **overrides)
@@ -390,14 +444,19 @@ def parse_config(d: dict) -> ModelConfig:
 
 def load_config(path_or_dir) -> ModelConfig:
     """Read `config.json` from a checkpoint folder (or the file itself)."""
+    from omni_edge.safetensors_file import require_regular
+
     path = os.fspath(path_or_dir)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise ValueError(f"config: no config.json at {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
+    require_regular(path, "config")
+    try:
+        with open(path, encoding="utf-8") as f:
             d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config: {path} is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"config: {path} is not valid JSON ({' '.join(str(e).split())[:200]})") from None
+    except OSError as e:
+        raise ValueError(f"config: cannot read {path}: {e.strerror or e}") from None
     return parse_config(d)

@@ -22,21 +22,18 @@ import torch.nn.functional as F
 from omni_edge import _native
 from omni_edge.ops import _check, _dispatch
 from omni_edge.ops import attention as A
+from omni_edge.testing import cpu_isa_levels
 
 C = _native.lib()
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ISA_ORDER = ("scalar", "avx2", "avx512")
-ISAS = ISA_ORDER[: ISA_ORDER.index(C.build_info()["isa_available"]) + 1] if C.build_info()["isa_available"] in ISA_ORDER else ("scalar",)
+ISAS = cpu_isa_levels()
 EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 FLOOR = 1e-5
 
 has_cuda = torch.cuda.is_available() and C.build_info()["cuda_compiled"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_isa():
-    yield
-    C.set_isa_cap("avx512")
+pytestmark = pytest.mark.usefixtures("restore_isa")  # conftest: the user's OMNI_EDGE_ISA cap comes back
 
 
 def test_native_path_is_taken_on_cpu():

@@ -70,9 +70,18 @@ def _runtime_checks(out, manifest, src):
     assert runtime_perplexity(model.backbone, held) == pytest.approx(ppl["quantized"], rel=1e-4)
     source = pipeline.load(src, device="cpu")
     assert runtime_perplexity(source.backbone, held) == pytest.approx(ppl["source"], rel=1e-4)
-    reply = model.session(seed=0).send("What is the capital of France?", SamplingParams(temperature=0.0,
-                                                                                        max_new_tokens=8))
-    assert len(reply.ids) >= 1
+    question = "What is the capital of France?"
+    reply = model.session(seed=0).send(question, SamplingParams(temperature=0.0, max_new_tokens=8,
+                                                                repetition_penalty=1.0))
+    # the reply is the bundle model's greedy continuation, recomputed from position 0 for every token
+    ids, ref = list(model.prompt.render([{"role": "user", "content": question}])), []
+    with torch.inference_mode():
+        for _ in range(8):
+            h = model.backbone.forward(torch.tensor([ids]), start=0)
+            ref.append(int(torch.argmax(model.backbone.logits(h[:, -1])[0])))
+            ids.append(ref[-1])
+    assert reply.ids == ref[:len(reply.ids)]
+    assert (reply.finish_reason == "stop" and ref[len(reply.ids)] in model.prompt.stop_ids) or reply.ids == ref
     return model
 
 
