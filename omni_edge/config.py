@@ -360,6 +360,12 @@ def _check_rope_scaling(d: dict) -> None:
                 raise ValueError(f"config.json: {key}.rope_type {kind!r} is not supported (only plain RoPE)")
 
 
+def _flag(d: dict, key: str, default: bool) -> bool:
+    """A true/false key of the top level (null counts as absent)."""
+    v = d.get(key)
+    return default if v is None else _typed("backbone", key, "bool", v)
+
+
 def _dtype_name(d: dict) -> str:
     v = d.get("torch_dtype", d.get("dtype", "bfloat16"))
     return str(v).replace("torch.", "") if v is not None else "bfloat16"
@@ -369,14 +375,14 @@ def _backbone(d: dict, kind: str) -> BackboneConfig:
     src = dict(d)
     theta = _rope_theta(d)
     if kind == "omni":
-        overrides = dict(qkv_bias=bool(d.get("attention_qkv_bias", True)),
-                         packed_qkv=bool(d.get("attention_qkv_pack", True)),
+        overrides = dict(qkv_bias=_flag(d, "attention_qkv_bias", True),
+                         packed_qkv=_flag(d, "attention_qkv_pack", True),
                          torch_dtype=_dtype_name(d))
         if theta is not None:
             overrides["rope_theta"] = theta
         if d.get("position_embedding_type", "rope") != "rope":
             raise ValueError(f"config.json: position_embedding_type must be 'rope', got {d['position_embedding_type']!r}")
-        if d.get("use_norm_head", False):
+        if _flag(d, "use_norm_head", False):
             raise ValueError("config.json: use_norm_head=true (normalised lm_head) is not supported")
         if d.get("sparse_attention_layers"):
             raise ValueError("config.json: sparse_attention_layers must be empty, got "
@@ -386,12 +392,12 @@ def _backbone(d: dict, kind: str) -> BackboneConfig:
         if model_type not in HF_MODEL_TYPES:
             raise ValueError(f"config.json: model_type must be 'omni' or one of {HF_MODEL_TYPES}, got {model_type!r}")
         _check_rope_scaling(d)
-        if d.get("mlp_bias", False):
+        if _flag(d, "mlp_bias", False):
             raise ValueError("config.json: mlp_bias=true is not supported")
         if model_type == "qwen2":
             qkv_bias = True  # Qwen2 always has q/k/v biases
         else:
-            qkv_bias = bool(d.get("attention_bias", False))
+            qkv_bias = _flag(d, "attention_bias", False)
         heads = d.get("num_attention_heads")
         if heads is not None:  # checked here: head_dim and num_key_value_heads may be derived from it
             heads = _typed("backbone", "num_attention_heads", "int", heads)
@@ -399,12 +405,12 @@ def _backbone(d: dict, kind: str) -> BackboneConfig:
                 raise ValueError(f"config.json: num_attention_heads must be a positive integer, got {heads}")
         overrides = dict(qkv_bias=qkv_bias, packed_qkv=False, torch_dtype=_dtype_name(d),
                          rope_theta=theta if theta is not None else 10000.0,
-                         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
+                         tie_word_embeddings=_flag(d, "tie_word_embeddings", False))
         if "num_key_value_heads" not in d and heads is not None:
             src["num_key_value_heads"] = heads
         if d.get("head_dim") is None and heads and d.get("hidden_size") is not None:
             src["head_dim"] = _typed("backbone", "hidden_size", "int", d["hidden_size"]) // heads
-        if d.get("use_sliding_window", False):
+        if _flag(d, "use_sliding_window", False):
             raise ValueError("config.json: use_sliding_window=true is not supported")
     cfg = _build(BackboneConfig, "backbone (top level)", src, **overrides)
     cfg.extra = {k: v for k, v in d.items() if k not in _BACKBONE_KEYS and k not in _NOT_BACKBONE}
