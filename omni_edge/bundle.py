@@ -1,6 +1,6 @@
 """The edge bundle's manifest (`omni_edge.json`): reading and validation, runtime side.
 
-A bundle is one folder written by `omni-edge quantize` (ARCHITECTURE.md, "The edge bundle"). Its manifest
+A bundle is one folder written by `omni-edge quantize` (docs/ARCHITECTURE.md, "The edge bundle"). Its manifest
 lists every file with its size (and sha256), the name, dtype and shape of every tensor in each
 .safetensors file, the modules and the files that hold them, the precision of each, the quantization
 settings and the source checkpoint's fingerprint. `validate(path)` checks the folder against it before

@@ -10,7 +10,7 @@ the expected and the actual value. Tensors are then materialised one at a time f
 (`get`, `stage_tensors`, `layer_tensors`), so one stage loads alone and the backbone never needs the whole
 checkpoint in memory.
 
-Architecture is data: `stage_specs(config, stage)` returns the tensor table of one stage (MODEL.md §3.3) for a
+Architecture is data: `stage_specs(config, stage)` returns the tensor table of one stage (docs/MODEL.md §3.3) for a
 config, as `Tensor` entries (name, shape) and `Linear` entries (prefix, out, in, bias). A Linear is stored either
 dense (`<prefix>.weight` (out, in) [+ `.bias`]) or, when config.json has a GPTQ `quantization_config`, in the
 standard GPTQ layout (`<prefix>.qweight` int32 (in/8, out), `.qzeros` int32 (G, out/8), `.scales` (G, out),
@@ -44,7 +44,7 @@ _ST_TO_TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "
 
 
 # ------------------------------------------------------------------------------------------------
-# Tensor tables (MODEL.md §3.3)
+# Tensor tables (docs/MODEL.md §3.3)
 # ------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

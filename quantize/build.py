@@ -1,6 +1,6 @@
 """`quantize_checkpoint(src, out, options)`: source checkpoint -> edge bundle.
 
-What the bundle holds (ARCHITECTURE.md, "The edge bundle"):
+What the bundle holds (docs/ARCHITECTURE.md, "The edge bundle"):
 
 - the decoder's linears in the standard GPTQ layout (qweight, qzeros, scales, g_idx, bias), under the source's
   own tensor names. checkpoint_format "gptq" (v1: stored zero = zero - 1) for symmetric grids; asymmetric grids

@@ -1,7 +1,7 @@
 """Attention kernels (csrc/attention via omni_edge.ops.attention) against the scalar C++ reference and the
 torch references, on odd shapes, every dtype and every CPU instruction-set level.
 
-Tolerance rules (STYLE.md: attention at most 2x the error of a same-precision torch version):
+Tolerance rules (the project's rule: attention at most 2x the error of a same-precision torch version):
 - vs the fp32 torch reference (`*_ref` on the inputs upcast to fp32, i.e. the exact same rounded values):
   max error of ours <= 2 * max error of torch's scaled_dot_product_attention run in the input dtype, + 1e-5.
   The 1e-5 floor (values are O(1)) covers fp32, where both errors are fp32 summation-order noise and torch's

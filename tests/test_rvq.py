@@ -21,7 +21,7 @@ from omni_edge.testing import cpu_isa_levels
 C = _native.lib()
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ISAS = cpu_isa_levels()
-REAL_SIZES = (8192, 4096, 2048, 1024, 1024, 1024, 1024, 1024)  # MODEL.md 1.4 vq_config codebook_sizes
+REAL_SIZES = (8192, 4096, 2048, 1024, 1024, 1024, 1024, 1024)  # docs/MODEL.md §1.4 vq_config codebook_sizes
 REAL_DIM = 5120
 has_cuda = torch.cuda.is_available() and C.build_info()["cuda_compiled"]
 

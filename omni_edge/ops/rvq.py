@@ -1,4 +1,4 @@
-"""Residual vector quantisation: the audio tokenizer's 8-layer RVQ (MODEL.md 1.4 encode, 1.7 decode).
+"""Residual vector quantisation: the audio tokenizer's 8-layer RVQ (docs/MODEL.md §1.4 encode, §1.7 decode).
 
 Codebooks are a list of L tensors, layer l of shape (n_l, D), all one dtype (fp32, bf16 or fp16) on one
 device; Baichuan-Omni-1.5 has L = 8 fp32 codebooks of 8192, 4096, 2048, 1024 x 5 rows and D = 5120
