@@ -417,6 +417,37 @@ def _backbone(d: dict, kind: str) -> BackboneConfig:
     return cfg.validate()
 
 
+# Counts that size the omni stages' tensor tables (layers, blocks, list lengths) and the sizes that must be
+# positive: a corrupt value is refused here, before a table of that many entries is built.
+COUNT_LIMIT = 1024
+_COUNTS = ("encoder_layers", "decoder_layers", "audio_head_transformer_layers", "depth", "prenet_nlayers",
+           "n_blocks", "num_mid_blocks")
+_SIZES = ("d_model", "encoder_attention_heads", "encoder_ffn_dim", "decoder_attention_heads", "decoder_ffn_dim",
+          "num_mel_bins", "avg_pooler", "embed_dim", "num_heads", "patch_size", "temporal_patch_size",
+          "spatial_merge_size", "hidden_size", "prenet_in_dim", "prenet_out_dim", "prenet_d_model",
+          "prenet_attention_heads", "prenet_ffn_dim", "in_channels", "attention_head_dim", "kernel_size",
+          "decoder_kernel_size", "stride_size", "hop_length", "sampling_rate", "max_audio_seconds", "merge_size")
+
+
+def _check_counts(section: str, obj) -> None:
+    for name in _COUNTS:
+        v = getattr(obj, name, None)
+        if v is not None and not 0 <= v <= COUNT_LIMIT:
+            raise ValueError(f"config.json: {section}.{name} must lie in [0, {COUNT_LIMIT}], got {v}")
+    for name in _SIZES:
+        v = getattr(obj, name, None)
+        if v is not None and not 1 <= v <= 2**24:
+            raise ValueError(f"config.json: {section}.{name} must lie in [1, 2^24], got {v}")
+    for name in ("codebook_sizes", "channels"):
+        v = getattr(obj, name, None)
+        if v is None:
+            continue
+        if not 1 <= len(v) <= 64 or not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 2**24
+                                            for x in v):
+            raise ValueError(f"config.json: {section}.{name} must be a list of 1 to 64 integers in [1, 2^24], "
+                             f"got {str(v)[:80]}")
+
+
 def parse_config(d: dict) -> ModelConfig:
     """config.json contents -> ModelConfig."""
     if not isinstance(d, dict):
@@ -437,6 +468,9 @@ def parse_config(d: dict) -> ModelConfig:
     vq = a.get("vq_config") if isinstance(a, dict) else None
     if not isinstance(vq, dict) or "codebook_sizes" not in vq:
         raise ValueError("config.json: audio_config is missing required key(s): vq_config.codebook_sizes")
+    if not isinstance(vq["codebook_sizes"], list):
+        raise ValueError(f"config.json: audio_config.vq_config.codebook_sizes must be a list, got "
+                         f"{str(vq['codebook_sizes'])[:80]}")
     audio = _build(AudioConfig, "audio_config", a, codebook_sizes=list(vq["codebook_sizes"]), vq_config=vq)
     visual = _build(VisualConfig, "visual_config", d["visual_config"])
     video = _build(VideoConfig, "video_config", d["video_config"])
@@ -444,6 +478,9 @@ def parse_config(d: dict) -> ModelConfig:
     cfm = _build(CfmParams, "flow_matching_config.cfm_params", fm.pop("cfm_params", {}))
     flow = _build(FlowMatchingConfig, "flow_matching_config", fm, cfm_params=cfm)
     vocoder = _build(VocoderConfig, "vocoder_config", d["vocoder_config"])
+    for section, obj in (("audio_config", audio), ("visual_config", visual), ("video_config", video),
+                         ("flow_matching_config", flow), ("vocoder_config", vocoder)):
+        _check_counts(section, obj)
     return ModelConfig(kind=kind, backbone=backbone, audio=audio, visual=visual, video=video, flow_matching=flow,
                        vocoder=vocoder, quantization=quant, raw=d)
 

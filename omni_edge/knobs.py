@@ -60,7 +60,7 @@ _warned = False
 def _flag(name: str, raw: str, problems: List[str], default: bool) -> bool:
     if raw in ("0", "1"):
         return raw == "1"
-    problems.append(f"{ENV[name]}={raw!r} is not 0 or 1 (ignored: using {int(default)})")
+    problems.append(f"{ENV[name]}={raw!r} is not 0 or 1")
     return default
 
 
@@ -77,8 +77,7 @@ def _from_env(environ) -> Settings:
             if raw.strip().lower() in ISAS:
                 values[name] = raw.strip().lower()
             else:
-                problems.append(f"{var}={raw!r} is not one of {', '.join(ISAS)} (ignored: using the best "
-                                f"the CPU offers)")
+                problems.append(f"{var}={raw!r} is not one of {', '.join(ISAS)}")
                 continue
         elif name == "cache_dir":
             values[name] = Path(raw).expanduser()
@@ -102,7 +101,8 @@ def settings() -> Settings:
             s = _current
         if s.problems and not _warned:
             _warned = True
-            warnings.warn("omni-edge: " + "; ".join(s.problems), RuntimeWarning, stacklevel=2)
+            warnings.warn("omni-edge: " + "; ".join(s.problems) + " (ignored: the defaults are used)",
+                          RuntimeWarning, stacklevel=2)
     return s
 
 

@@ -720,3 +720,68 @@ def test_stale_partials_are_cleaned(tmp_path):
         (d / "backbone.safetensors").write_bytes(b"x")
     assert clean_stale_partials(out) == [dead.name]
     assert not dead.exists() and live.exists() and other.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# the commands a user runs, on an interrupted download: one line naming the file, exit code 2
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def truncated_omni(tmp_path_factory):
+    from omni_edge.testing import write_tiny_checkpoint
+    root = tmp_path_factory.mktemp("trunc") / "ckpt"
+    write_tiny_checkpoint(root, seed=0, tokenizer="bytelevel", layers=1)
+    shard = sorted(root.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) * 2 // 3])  # the download stopped two thirds of the way
+    return root, shard.name
+
+
+@pytest.mark.parametrize("command", ["chat", "quantize", "inspect"])
+def test_commands_on_a_truncated_checkpoint(truncated_omni, command, capsys, tmp_path):
+    root, shard = truncated_omni
+    argv = {"chat": ["chat", "--model", str(root), "--prompt", "Hi"],
+            "quantize": ["quantize", str(root), str(tmp_path / "out"), "--method", "rtn", "--quiet", "--no-eval"],
+            "inspect": ["inspect", str(root)]}[command]
+    rc, out, err = _cli(capsys, *argv)
+    assert rc == 2, (out, err)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and shard in lines[0] and "truncated" in lines[0], err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+OMNI_CONFIG = {
+    "audio_config.encoder_layers 10^9": (("audio_config", "encoder_layers"), 1_000_000_000, "encoder_layers"),
+    "visual_config.depth -1": (("visual_config", "depth"), -1, "depth"),
+    "flow num_mid_blocks 10^6": (("flow_matching_config", "num_mid_blocks"), 10**6, "num_mid_blocks"),
+    "flow channels a number": (("flow_matching_config", "channels"), 256, "channels"),
+    "codebook_sizes a number": (("audio_config", "vq_config", "codebook_sizes"), 8, "codebook_sizes"),
+    "codebook_sizes 10^4 entries": (("audio_config", "vq_config", "codebook_sizes"), [4] * 10_000, "codebook_sizes"),
+    "audio d_model 0": (("audio_config", "d_model"), 0, "d_model"),
+    "visual patch_size 'x'": (("visual_config", "patch_size"), "x", "patch_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OMNI_CONFIG))
+def test_omni_config_corpus(case):
+    """Section values that size the omni stage tables are refused by name before any table is built."""
+    import copy
+
+    from omni_edge.config import parse_config
+    from omni_edge.testing import tiny_config
+    path, value, needle = OMNI_CONFIG[case]
+    d = copy.deepcopy(tiny_config(_ids_for_tiny(), 300))
+    parse_config(copy.deepcopy(d))  # the unmodified config parses
+    node = d
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    t0 = time.time()
+    _one_line_error(lambda: parse_config(d), needle)
+    assert time.time() - t0 < 2
+    assert len(OMNI_CONFIG) == 8
+
+
+def _ids_for_tiny():
+    from omni_edge.testing import _tokenizer_json, special_token_ids
+    return special_token_ids(_tokenizer_json("bytelevel"))
