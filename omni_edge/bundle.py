@@ -174,9 +174,10 @@ def verify(path, *, progress=None) -> dict:
     """Check every file of bundle `path` against the manifest, sha256 included (validate's quick checks first).
 
     Returns {"ok": bool, "files": [{"file", "bytes", "status": "ok" | "MISMATCH" | "NO HASH", "detail"}],
-    "unlisted": [names of files in the folder the manifest does not list]}. Raises BundleError only when the
-    folder cannot be checked at all (no manifest, a listed file missing or of the wrong size ...).
-    `progress(rel, nbytes)` is called before each file is hashed."""
+    "unlisted": [names of files in the folder the manifest does not list], "structure": "ok" or the first
+    problem validate() found (a size, a tensor table, config.json)}. Missing files are rows with status "MISSING".
+    Raises BundleError only when there is no readable manifest. `progress(rel, nbytes)` is called before each
+    file is hashed."""
     root = Path(path)
     manifest = read_manifest(root)
     quick: str = ""

@@ -4,9 +4,11 @@ A checkpoint is a folder with `config.json` and either `model.safetensors`, a sh
 `model.safetensors.index.json`, or (edge bundles) several `*.safetensors` files without an index. Pickled
 weights (`*.bin`, `*.pt`) are never loaded.
 
-`Checkpoint.open(folder)` reads only the safetensors headers and checks every tensor it knows against the
-config (shape and dtype), so a wrong checkpoint fails before anything runs, with messages that name the tensor,
-the expected and the actual value. Tensors are then materialised one at a time from memory-mapped files
+`Checkpoint.open(folder)` reads only the safetensors headers (validated against each file's size by
+`omni_edge.safetensors_file`, so a truncated or corrupt file is named), checks the config's layer count against
+the tensors present, then every tensor it knows against the config (shape and dtype), so a wrong checkpoint fails
+before anything runs, with messages that name the tensor, the expected and the actual value. Float tensors are
+checked for NaN / Inf as they are read (small ones always, every one with `finite_check = "all"`). Tensors are then materialised one at a time from memory-mapped files
 (`get`, `stage_tensors`, `layer_tensors`), so one stage loads alone and the backbone never needs the whole
 checkpoint in memory.
 
@@ -376,12 +378,13 @@ class Checkpoint:
         return ckpt
 
     def _check_layer_count(self) -> None:
-        """config.json's num_hidden_layers against the decoder layers the tensors hold."""
+        """config.json's num_hidden_layers against the decoder layers the tensors hold (a folder without any
+        decoder-layer tensor, holding other stages only, is left to `require`; the config caps the count)."""
         stored = {int(m.group(1)) for n in self._header for m in [_LAYER_RE.match(n)] if m}
         want = self.config.backbone.num_hidden_layers
         have = max(stored) + 1 if stored else 0
-        if want > have:
-            held = f"decoder layers 0..{have - 1}" if have else "no decoder-layer tensors"
+        if stored and want > have:
+            held = f"decoder layers 0..{have - 1}"
             raise ValueError(f"checkpoint {self.path}: config.json num_hidden_layers={want}, but the tensors hold "
                              f"{held} (model.layers.N.*)")
 

@@ -8,7 +8,6 @@ the layers and 20+ decode steps that stays below 1e-5 of the hidden state's magn
 round differently after such a 1-ulp difference; that did not happen on these inputs, and the same 1e-5
 bound holds there too. Greedy tokens must be identical."""
 
-import os
 
 import pytest
 import torch

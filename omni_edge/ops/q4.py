@@ -33,7 +33,6 @@ CUDA kernels always compute the EXACT contract (fp32 accumulation); the setting 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import threading
 from typing import Optional, Tuple
