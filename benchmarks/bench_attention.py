@@ -29,7 +29,7 @@ from omni_edge import _native
 from omni_edge.ops import _dispatch
 from omni_edge.ops import attention as A
 
-HQ, HKV, D = 28, 4, 128  # Qwen2.5-7B (MODEL.md 1.5)
+HQ, HKV, D = 28, 4, 128  # Qwen2.5-7B (docs/MODEL.md §1.5)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ROTATE_BYTES = 512 << 20  # total size of the rotated KV caches (well above any last-level cache)
 

@@ -14,11 +14,11 @@ Sections:
    after the prompt (+ logits + argmax), median step. Bytes/token are the bytes the decode step must stream:
    every weight as stored by that runtime (omni-edge: the tensors it holds; llama.cpp: the GGUF tensor data)
    plus the KV cache read at the middle decode position. GB/s = bytes/token x tok/s; % = of the read bandwidth.
-4. A Qwen2.5-7B-shaped backbone (MODEL.md §1.5: 28 layers, 3584 wide, GQA 28/4, MLP 18944, vocab 152064)
+4. A Qwen2.5-7B-shaped backbone (docs/MODEL.md §1.5: 28 layers, 3584 wide, GQA 28/4, MLP 18944, vocab 152064)
    with random 4-bit weights built layer by layer as GPTQ tensors (the dense 7B weights are never made),
    dense embedding and lm_head in --seven-b-dtype. transformers would need the dense weights (15 GB in bf16
-   on top of ours), so it is not run; llama.cpp's figure for the same shapes is quoted from PERFORMANCE.md,
-   not measured here.
+   on top of ours), so it is not run; llama.cpp's figure for the same shapes is quoted from an earlier
+   measurement on the project's CPU machine (2026-11-24, an AVX-512 VNNI machine, 2 threads), not measured here.
 5. Per-step overhead: the same layer loop with tiny widths (same layer count, heads and code path, vocab 256)
    costs almost no arithmetic, so its step time is the Python + op-dispatch cost of one decode step; shown
    beside the real step time. Decode rows run the native decode step (csrc/decode, B = 1 fp32 on CPU) and,
@@ -32,13 +32,16 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+_TESTS = Path(__file__).resolve().parents[1] / "tests"  # the SmolLM2 converter lives with the tests
+if str(_TESTS) not in sys.path:
+    sys.path.insert(0, str(_TESTS))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,7 +214,7 @@ def backbone_config(**kw):
 
 
 QWEN25_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
-                 intermediate_size=18944, vocab_size=152064, qkv_bias=True, packed_qkv=True)  # MODEL.md §1.5
+                 intermediate_size=18944, vocab_size=152064, qkv_bias=True, packed_qkv=True)  # docs/MODEL.md §1.5
 
 
 class TimedBackbone:
@@ -264,15 +267,10 @@ def tiny_twin(cfg):
 @contextlib.contextmanager
 def decode_path(native: bool):
     """native False: the Python layer loop (OMNI_EDGE_NATIVE_DECODE=0) instead of the native decode step."""
-    prev = os.environ.get("OMNI_EDGE_NATIVE_DECODE")
-    os.environ["OMNI_EDGE_NATIVE_DECODE"] = "1" if native else "0"
-    try:
+    from omni_edge import knobs
+
+    with knobs.override(native_decode=native):
         yield
-    finally:
-        if prev is None:
-            del os.environ["OMNI_EDGE_NATIVE_DECODE"]
-        else:
-            os.environ["OMNI_EDGE_NATIVE_DECODE"] = prev
 
 
 def overhead_ms(cfg, *, q4: bool, dtype, steps: int = 20, native: bool = True) -> float:
@@ -412,7 +410,7 @@ def main() -> int:
     if not args.skip_smollm2:
         from omni_edge import pipeline
         from omni_edge.generate import SamplingParams
-        from omni_edge.testing import smollm2_checkpoint, smollm2_gguf
+        from smollm2_weights import smollm2_checkpoint, smollm2_gguf  # tests/ (see _TESTS)
 
         path = smollm2_checkpoint()
         print(f"SmolLM2-135M-Instruct, real weights; prompt {P} tokens, {N} decode steps (median step)")
@@ -501,7 +499,7 @@ def main() -> int:
             ceiling = bw_read / (nbytes / 1e9)
             print(f"  = {num(100 * (1 / statistics.median(steps)) / ceiling)}% of this layout's bandwidth ceiling")
             print("  transformers: not run (dense weights: 15 GB in bf16, do not fit beside this model in 24 GB)")
-            print("  llama.cpp Q4_0, same shapes, 2 threads (PERFORMANCE.md, measured on another day, not this run):"
+            print("  llama.cpp Q4_0, same shapes, 2 threads (measured 2026-11-24 on an AVX-512 VNNI machine, not this run):"
                   " 5.1 tok/s decode, 20.7 tok/s prompt at 512 tokens")
             del bb
             gc.collect()

@@ -33,6 +33,11 @@ import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+_TESTS = Path(__file__).resolve().parents[1] / "tests"  # the SmolLM2 converter lives with the tests
+if str(_TESTS) not in sys.path:
+    sys.path.insert(0, str(_TESTS))
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
@@ -117,7 +122,7 @@ def main(argv=None) -> int:
     q4.set_exact(not args.q4_int8)
     from omni_edge.quantize.build import QuantizeOptions, quantize_checkpoint
     from omni_edge.quantize.calibration import build_calibration, builtin_heldout_texts
-    from omni_edge.testing import smollm2_checkpoint, smollm2_gguf
+    from smollm2_weights import smollm2_checkpoint, smollm2_gguf  # tests/ (see _TESTS)
     from omni_edge.tokenizer import Tokenizer, prompt_format
 
     if smollm2_gguf() is None:

@@ -37,7 +37,7 @@ from omni_edge import _native
 from omni_edge.ops import q4
 
 GROUP = 128
-SHAPES = {  # (K, N): Qwen2.5-7B linears (MODEL.md 1.5)
+SHAPES = {  # (K, N): Qwen2.5-7B linears (docs/MODEL.md §1.5)
     (3584, 4608): "qkv W_pack",
     (3584, 3584): "o_proj",
     (3584, 37888): "gate+up",

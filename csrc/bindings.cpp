@@ -2,9 +2,10 @@
 //
 // Every kernel entry point takes tensors as raw addresses (Python ints from tensor.data_ptr()) plus
 // sizes; the Python ops in omni_edge/ops/ validate dtype, device, contiguity, shapes and ranges before
-// calling here. Kernel statuses become exceptions: OE_ERR_INVALID_ARG / OE_ERR_OUT_OF_RANGE -> ValueError,
-// OE_ERR_UNSUPPORTED -> NotImplementedError, OE_ERR_CUDA -> RuntimeError. The GIL is released while a
-// kernel runs.
+// calling here. Kernel statuses become exceptions (check() below): OE_ERR_INVALID_ARG / OE_ERR_OUT_OF_RANGE
+// -> ValueError, OE_ERR_UNSUPPORTED -> TypeError ("unsupported: ..."), OE_ERR_NO_MEMORY -> MemoryError,
+// OE_ERR_CUDA and anything else -> RuntimeError. Argument checks made here in the binding (a malformed plan
+// tuple, an unknown ISA name, too many RVQ layers) raise ValueError. The GIL is released while a kernel runs.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -32,6 +33,9 @@ void check(oe_status s) {
     case OE_ERR_INVALID_ARG:
     case OE_ERR_OUT_OF_RANGE: throw py::value_error(msg);
     case OE_ERR_UNSUPPORTED: throw py::type_error("unsupported: " + msg);
+    case OE_ERR_NO_MEMORY:
+      PyErr_SetString(PyExc_MemoryError, msg.c_str());
+      throw py::error_already_set();
     default: throw std::runtime_error(msg);
   }
 }

@@ -15,6 +15,9 @@ def lib():
             "omni_edge._C (the native kernels) is not built. Install the package with "
             "`pip install .` (or `pip install -e . --no-build-isolation` when developing): " + str(e)
         ) from e
+    from omni_edge import knobs
+
+    _C.set_isa_cap(knobs.settings().isa or "avx512")  # OMNI_EDGE_ISA, read once in omni_edge.knobs
     return _C
 
 

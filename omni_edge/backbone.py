@@ -21,7 +21,6 @@ OMNI_EDGE_NATIVE=0) keeps the Python loop, which stays the reference.
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -30,13 +29,11 @@ import torch.nn.functional as F
 from omni_edge.checkpoint import (Checkpoint, GptqParams, Linear as LinearSpec, Tensor as TensorSpec,
                                   decoder_layer_specs, layer_prefix, qweight_from_tensors)
 from omni_edge.config import BackboneConfig
+from omni_edge import knobs
 from omni_edge.ops import _dispatch, attention, q4
 
 QUANT_MODES = ("none", "rtn4")
 
-# Bumped whenever a DecoderLayer (re)binds its linears: a Backbone's native decode plan holds their addresses
-# and is rebuilt when this changes.
-_layer_epoch = 0
 RTN_GROUP_SIZES = (128, 64, 32)
 
 # Linears of one decoder layer, names relative to `model.layers.N.`; each group shares its input
@@ -167,8 +164,9 @@ class DecoderLayer:
         self._bind()
 
     def _bind(self) -> None:
-        global _layer_epoch
-        _layer_epoch += 1
+        # bumped whenever the linears are (re)bound: a Backbone's native decode plan holds their addresses and is
+        # rebuilt when the versions of its layers change (Backbone._layers_version)
+        self.version = getattr(self, "version", 0) + 1
         lin = self.linears
         self._packed = self.cfg.packed_qkv
         self._wpack = lin.get("self_attn.W_pack")  # (H*D + 2*Hkv*D, C): rows [q | k | v]
@@ -354,9 +352,9 @@ class Backbone:
         self._sin: Optional[torch.Tensor] = None
         self._lengths: Optional[torch.Tensor] = None  # (B,) int32, reused by every decode step
         self._plan = None  # _C.DecodePlan for the current cache and layers, or None
-        self._plan_epoch = -1  # _layer_epoch the plan was built at
+        self._plan_epoch = None  # _layers_version() the plan was built at
         self._layout_reason: Optional[str] = None  # native_decode_supported's per-tensor verdict ...
-        self._layout_epoch = -1  # ... at this _layer_epoch
+        self._layout_epoch = None  # ... at this _layers_version()
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -434,14 +432,14 @@ class Backbone:
         self._cos, self._sin = rope_tables(cfg.rope_theta, cfg.head_dim, max_len, device=self.device)
         self._lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._plan = None
-        self._plan_epoch = self._layout_epoch = -1
+        self._plan_epoch = self._layout_epoch = None
         if self.native_decode_supported() is None:
             self._decode_plan()
 
     def free_cache(self) -> None:
         self._k = self._v = self._cos = self._sin = self._lengths = None
         self._plan = None
-        self._plan_epoch = self._layout_epoch = -1
+        self._plan_epoch = self._layout_epoch = None
 
     # ---- native decode step -------------------------------------------------------------------
 
@@ -456,14 +454,19 @@ class Backbone:
             return f"dtype {self.dtype} (the native decode step takes float32 activations)"
         if self._k is None or self.batch != 1:
             return f"cache batch {self.batch} (the native decode step serves batch 1)"
-        if os.environ.get("OMNI_EDGE_NATIVE_DECODE", "1") == "0":
+        if not knobs.settings().native_decode:
             return "OMNI_EDGE_NATIVE_DECODE=0"
         if not (_dispatch.native_enabled("q4", self.device) and _dispatch.native_enabled("attention", self.device)):
             return "native kernels disabled (OMNI_EDGE_NATIVE=0 or not built)"
-        if self._layout_epoch != _layer_epoch:  # the per-tensor checks, once per set of layers
+        version = self._layers_version()
+        if self._layout_epoch != version:  # the per-tensor checks, once per set of layers
             self._layout_reason = self._native_layout_reason()
-            self._layout_epoch = _layer_epoch
+            self._layout_epoch = version
         return self._layout_reason
+
+    def _layers_version(self) -> tuple:
+        """Identifies the current layers and their bound linears (a plan is valid for one value)."""
+        return tuple((id(layer), layer.version) for layer in self.layers)
 
     def _native_layout_reason(self) -> Optional[str]:
         if self.config.head_dim > attention.MAX_NATIVE_HEAD_DIM or self.config.head_dim % 2:
@@ -485,7 +488,8 @@ class Backbone:
 
     def _decode_plan(self):
         """The native plan for the current cache and layers (built once, rebuilt after a linear changes)."""
-        if self._plan is not None and self._plan_epoch == _layer_epoch:
+        version = self._layers_version()
+        if self._plan is not None and self._plan_epoch == version:
             return self._plan
         from omni_edge import _native
         cfg = self.config
@@ -509,7 +513,7 @@ class Backbone:
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
             cfg.intermediate_size, self.max_len, float(cfg.rms_norm_eps), bool(cfg.packed_qkv),
             self._cos.data_ptr(), self._sin.data_ptr(), self.norm.data_ptr(), layers, keep)
-        self._plan_epoch = _layer_epoch
+        self._plan_epoch = version
         return self._plan
 
     def decode_step_native(self, h: torch.Tensor, start: int) -> torch.Tensor:

@@ -4,13 +4,15 @@ A checkpoint is a folder with `config.json` and either `model.safetensors`, a sh
 `model.safetensors.index.json`, or (edge bundles) several `*.safetensors` files without an index. Pickled
 weights (`*.bin`, `*.pt`) are never loaded.
 
-`Checkpoint.open(folder)` reads only the safetensors headers and checks every tensor it knows against the
-config (shape and dtype), so a wrong checkpoint fails before anything runs, with messages that name the tensor,
-the expected and the actual value. Tensors are then materialised one at a time from memory-mapped files
+`Checkpoint.open(folder)` reads only the safetensors headers (validated against each file's size by
+`omni_edge.safetensors_file`, so a truncated or corrupt file is named), checks the config's layer count against
+the tensors present, then every tensor it knows against the config (shape and dtype), so a wrong checkpoint fails
+before anything runs, with messages that name the tensor, the expected and the actual value. Float tensors are
+checked for NaN / Inf as they are read (small ones always, every one with `finite_check = "all"`). Tensors are then materialised one at a time from memory-mapped files
 (`get`, `stage_tensors`, `layer_tensors`), so one stage loads alone and the backbone never needs the whole
 checkpoint in memory.
 
-Architecture is data: `stage_specs(config, stage)` returns the tensor table of one stage (MODEL.md §3.3) for a
+Architecture is data: `stage_specs(config, stage)` returns the tensor table of one stage (docs/MODEL.md §3.3) for a
 config, as `Tensor` entries (name, shape) and `Linear` entries (prefix, out, in, bias). A Linear is stored either
 dense (`<prefix>.weight` (out, in) [+ `.bias`]) or, when config.json has a GPTQ `quantization_config`, in the
 standard GPTQ layout (`<prefix>.qweight` int32 (in/8, out), `.qzeros` int32 (G, out/8), `.scales` (G, out),
@@ -21,11 +23,12 @@ from __future__ import annotations
 
 import json
 import os
-import struct
+import re
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 from omni_edge.config import BackboneConfig, ModelConfig, load_config, parse_config
+from omni_edge.safetensors_file import require_regular, tensor_meta
 
 STAGES = ("backbone", "lm_head", "audio_embed", "audio_head", "visual", "visual_bridge", "audio_encoder",
           "audio_bridge", "rvq", "audio_decoder", "flow_prenet", "flow_estimator")
@@ -43,7 +46,7 @@ _ST_TO_TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "
 
 
 # ------------------------------------------------------------------------------------------------
-# Tensor tables (MODEL.md §3.3)
+# Tensor tables (docs/MODEL.md §3.3)
 # ------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -307,19 +310,31 @@ class GptqParams:
 # ------------------------------------------------------------------------------------------------
 
 def read_header(path: str) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
-    """name -> (safetensors dtype, shape), read from the file's JSON header only."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"checkpoint: {path} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 2**20:
-            raise ValueError(f"checkpoint: {path} has an implausible header size {n}")
-        try:
-            header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"checkpoint: {path} has a corrupt safetensors header ({e})") from None
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+    """name -> (safetensors dtype, shape), from the file's validated JSON header only
+    (`omni_edge.safetensors_file.read_header`: offsets checked against the file size, so a truncated file is
+    refused here, by name, before anything is memory-mapped)."""
+    return tensor_meta(path)
+
+
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
+# Float tensors up to this many elements are checked for NaN / Inf whenever they are read (norms, biases, GPTQ
+# scales: a fraction of a millisecond each); bigger ones only when the checkpoint is opened with
+# finite_check="all" (quantize does, the read is paid anyway).
+FINITE_CHECK_ELEMS = 1 << 22
+
+
+def _read_json(path: str, what: str, kind: type):
+    """A small JSON file of a checkpoint; ValueError naming it when unreadable or of the wrong kind."""
+    require_regular(path, what)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"checkpoint: {path} is not readable JSON ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(data, kind):
+        raise ValueError(f"checkpoint: {path} must hold a JSON {'object' if kind is dict else kind.__name__}, "
+                         f"got {type(data).__name__}")
+    return data
 
 
 def _fmt_shape(s) -> str:
@@ -341,6 +356,7 @@ class Checkpoint:
         self._files = files  # tensor name -> file path
         self._header = header  # tensor name -> (dtype, shape)
         self._handles: Dict[str, object] = {}
+        self.finite_check = "small"  # "small" | "all" | "none": which float tensors `get` checks for NaN / Inf
 
     # ---- opening ------------------------------------------------------------------------------
 
@@ -350,29 +366,41 @@ class Checkpoint:
         if not os.path.isdir(path):
             raise ValueError(f"checkpoint: expected a folder with config.json and *.safetensors, got {path}")
         config = load_config(path)
-        if config.quantization is None and os.path.isfile(os.path.join(path, "quantize_config.json")):
-            with open(os.path.join(path, "quantize_config.json"), encoding="utf-8") as f:
-                raw = dict(config.raw, quantization_config=json.load(f))
+        qc_path = os.path.join(path, "quantize_config.json")
+        if config.quantization is None and os.path.lexists(qc_path):
+            raw = dict(config.raw, quantization_config=_read_json(qc_path, "quantize_config.json", dict))
             config = parse_config(raw)
         files, header = cls._index(path)
         ckpt = cls(path, config, files, header)
+        ckpt._check_layer_count()  # before any per-layer table is built (a config may claim 10^9 layers)
         if check:
             ckpt.check()
         return ckpt
+
+    def _check_layer_count(self) -> None:
+        """config.json's num_hidden_layers against the decoder layers the tensors hold (a folder without any
+        decoder-layer tensor, holding other stages only, is left to `require`; the config caps the count)."""
+        stored = {int(m.group(1)) for n in self._header for m in [_LAYER_RE.match(n)] if m}
+        want = self.config.backbone.num_hidden_layers
+        have = max(stored) + 1 if stored else 0
+        if stored and want > have:
+            held = f"decoder layers 0..{have - 1}"
+            raise ValueError(f"checkpoint {self.path}: config.json num_hidden_layers={want}, but the tensors hold "
+                             f"{held} (model.layers.N.*)")
 
     @staticmethod
     def _index(path: str):
         index = os.path.join(path, INDEX_FILE)
         files: Dict[str, str] = {}
         header: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
-        if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map")
+        if os.path.lexists(index):
+            weight_map = _read_json(index, INDEX_FILE, dict).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
-                raise ValueError(f"checkpoint: {INDEX_FILE} has no weight_map")
-            for shard in sorted(set(weight_map.values())):
+                raise ValueError(f"checkpoint: {index} has no weight_map object (name -> shard file)")
+            for shard in sorted({str(v) for v in weight_map.values()}):
                 full = os.path.join(path, shard)
-                if os.path.basename(shard) != shard or not shard.endswith(".safetensors"):
+                if (not all(isinstance(v, str) for v in weight_map.values()) or os.path.basename(shard) != shard
+                        or not shard.endswith(".safetensors")):
                     raise ValueError(f"checkpoint: {INDEX_FILE} names a shard that is not a local .safetensors "
                                      f"file: {shard!r}")
                 if not os.path.isfile(full):
@@ -537,9 +565,13 @@ class Checkpoint:
         return h
 
     def get(self, name: str, dtype=None, device=None):
-        """Materialise one tensor (optionally cast / moved). Only this tensor's bytes are read."""
+        """Materialise one tensor (optionally cast / moved). Only this tensor's bytes are read. Float tensors
+        are checked for NaN / Inf (small ones always, all with finite_check="all"): ValueError naming it."""
         self._meta(name)
         t = self._handle(self._files[name]).get_tensor(name)
+        if t.is_floating_point() and (self.finite_check == "all"
+                                      or (self.finite_check == "small" and t.numel() <= FINITE_CHECK_ELEMS)):
+            check_finite(name, t, where=f"checkpoint {self.path}")
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         if device is not None:
@@ -585,6 +617,21 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.path!r}, kind={self.config.kind!r}, tensors={len(self._header)})"
+
+
+def check_finite(name: str, t, *, where: str = "") -> None:
+    """ValueError naming tensor `name` when it holds NaN or Inf (checked in slices: no full-size temporary)."""
+    import torch
+    flat = t.reshape(-1)
+    step = 1 << 24
+    for i in range(0, flat.numel(), step):
+        part = flat[i:i + step]
+        ok = torch.isfinite(part)
+        if not bool(ok.all()):
+            bad = int((~ok).nonzero()[0]) + i
+            value = float(flat[bad])
+            raise ValueError(f"{where + ': ' if where else ''}tensor {name} holds a non-finite value ({value} at "
+                             f"flat index {bad}); the weights are corrupt")
 
 
 def qweight_from_tensors(parts: Dict[str, object], gptq: GptqParams, *, prefix: str = "", bias_dtype=None):

@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "quantize": ("omni_edge.quantize.cli", "quantize a checkpoint's backbone to 4-bit and write an edge bundle"),
     "export": ("omni_edge.export.cli", "write ONNX graphs of the dense stages (vision, audio, speech) into a bundle"),
     "info": ("omni_edge.info", "show what was built and what this machine offers"),
+    "verify": ("omni_edge.verify", "check every file of an edge bundle against its manifest (sha256)"),
+    "inspect": ("omni_edge.inspection", "show what a checkpoint or bundle holds: modules, precisions, sizes"),
 }
 
 
@@ -45,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _switch_problems() -> list:
+    """Runtime switches (OMNI_EDGE_* environment variables) with values that are not allowed."""
+    import warnings
+
+    from omni_edge import knobs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # reported here as an error instead
+        return list(knobs.settings().problems)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -53,6 +65,11 @@ def main(argv=None) -> int:
         return 0
     if getattr(args, "_unavailable", None):
         print(f"omni-edge: error: {args._unavailable}", file=sys.stderr)
+        return 2
+    problems = _switch_problems()
+    if problems and args.command != "info":  # info lists them itself
+        print(f"omni-edge {args.command}: error: {'; '.join(problems)}; fix or unset it (see omni-edge info)",
+              file=sys.stderr)
         return 2
     try:
         return int(args._run(args) or 0)

@@ -2,7 +2,7 @@
 
 Two kinds of checkpoint are understood:
 
-- "omni": Baichuan-Omni-1.5 (`model_type "omni"`, MODEL.md §3.2): the Qwen2.5-7B backbone keys at the top level
+- "omni": Baichuan-Omni-1.5 (`model_type "omni"`, docs/MODEL.md §3.2): the Qwen2.5-7B backbone keys at the top level
   plus the sections `audio_config`, `visual_config`, `video_config`, `flow_matching_config`, `vocoder_config`.
 - "hf": a plain Hugging Face causal LM of the Llama / Qwen2 family (`model_type` "llama", "qwen2", ...): backbone only.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -30,6 +31,43 @@ _REQUIRED = object()  # marker default: the key must be present in config.json
 
 def _req():
     return field(default=_REQUIRED)
+
+
+def _where(section: str, key: str) -> str:
+    return key if section.startswith("backbone") else f"{section}.{key}"
+
+
+def _typed(section: str, key: str, annotation, v):
+    """Check one config value against its field's annotation ("int", "float", "Optional[int]", ...); a JSON
+    number written as 4.0 for an integer field is accepted as 4. ValueError names the key and the value."""
+    ann = str(annotation)
+    optional = ann.startswith("Optional[")
+    base = ann[len("Optional["):-1] if optional else ann
+    if v is None and optional:
+        return None
+    shown = repr(v) if len(repr(v)) < 60 else repr(v)[:57] + "..."
+    if base == "int":
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"config.json: {_where(section, key)} must be an integer, got {shown}")
+    elif base == "float":
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"config.json: {_where(section, key)} must be a finite number, got {shown}")
+        v = float(v)
+    elif base == "bool":
+        if not isinstance(v, bool):
+            raise ValueError(f"config.json: {_where(section, key)} must be true or false, got {shown}")
+    elif base == "str":
+        if not isinstance(v, str):
+            raise ValueError(f"config.json: {_where(section, key)} must be a string, got {shown}")
+    elif base == "list":
+        if not isinstance(v, list):
+            raise ValueError(f"config.json: {_where(section, key)} must be a list, got {shown}")
+    elif base == "dict":
+        if not isinstance(v, dict):
+            raise ValueError(f"config.json: {_where(section, key)} must be an object, got {shown}")
+    return v
 
 
 def _build(cls, section: str, d: dict, renames: Optional[dict] = None, **overrides):
@@ -51,7 +89,7 @@ def _build(cls, section: str, d: dict, renames: Optional[dict] = None, **overrid
             continue
         key = renames.get(f.name, f.name)
         if key in d:
-            kwargs[f.name] = d[key]
+            kwargs[f.name] = _typed(section, key, f.type, d[key])
             used.add(key)
         elif f.default is _REQUIRED:
             missing.append(key)
@@ -62,8 +100,17 @@ def _build(cls, section: str, d: dict, renames: Optional[dict] = None, **overrid
 
 
 # ------------------------------------------------------------------------------------------------
-# Backbone (MODEL.md §1.5)
+# Backbone (docs/MODEL.md §1.5)
 # ------------------------------------------------------------------------------------------------
+
+# Plausible ranges of the backbone's integer keys: far beyond any real model, small enough that a corrupt value
+# is refused here instead of driving an allocation (the loader also checks the layer count against the tensors).
+BACKBONE_LIMITS = {
+    "hidden_size": (1, 2**17), "num_hidden_layers": (1, 4096), "num_attention_heads": (1, 4096),
+    "num_key_value_heads": (1, 4096), "head_dim": (2, 1024), "intermediate_size": (1, 2**20),
+    "vocab_size": (1, 2**24), "max_position_embeddings": (2, 2**24),
+}
+
 
 @dataclass
 class BackboneConfig:
@@ -98,11 +145,17 @@ class BackboneConfig:
         return self.q_size + 2 * self.kv_size
 
     def validate(self) -> "BackboneConfig":
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "intermediate_size", "vocab_size", "max_position_embeddings"):
+        for name, (low, high) in BACKBONE_LIMITS.items():
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"config.json: {name} must be a positive integer, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+                raise ValueError(f"config.json: {name} must be an integer in [{low}, {high}], got {v!r}")
+        if self.q_size > 2**20 or self.qkv_size > 2**20:
+            raise ValueError(f"config.json: num_attention_heads x head_dim = {self.q_size} is implausibly large "
+                             f"(at most 2^20)")
+        for name in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"config.json: {name} must be a positive finite number, got {v!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"config.json: num_attention_heads={self.num_attention_heads} must be a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
@@ -112,14 +165,11 @@ class BackboneConfig:
             raise ValueError(f"config.json: torch_dtype must be one of {DTYPES}, got {self.torch_dtype!r}")
         if self.hidden_act != "silu":
             raise ValueError(f"config.json: hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
-        if not (self.rope_theta > 0 and self.rms_norm_eps > 0):
-            raise ValueError(f"config.json: rope_theta and rms_norm_eps must be positive, got "
-                             f"{self.rope_theta!r}, {self.rms_norm_eps!r}")
         return self
 
 
 # ------------------------------------------------------------------------------------------------
-# Omni sections (MODEL.md §3.2)
+# Omni sections (docs/MODEL.md §3.2)
 # ------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -227,7 +277,7 @@ class CfmParams:
 
 @dataclass
 class FlowMatchingConfig:
-    """`flow_matching_config` (MODEL.md §1.8): prenet and the CFM U-Net estimator."""
+    """`flow_matching_config` (docs/MODEL.md §1.8): prenet and the CFM U-Net estimator."""
     prenet_in_dim: int = _req()  # 1280
     prenet_out_dim: int = _req()  # 80
     prenet_d_model: int = _req()  # 512
@@ -294,10 +344,10 @@ _NOT_BACKBONE = {"audio_config", "visual_config", "video_config", "flow_matching
 def _rope_theta(d: dict) -> Optional[float]:
     """rope_theta at the top level (transformers 4.x) or inside rope_parameters (transformers 5)."""
     if "rope_theta" in d:
-        return float(d["rope_theta"])
+        return _typed("backbone", "rope_theta", "float", d["rope_theta"])
     rp = d.get("rope_parameters")
     if isinstance(rp, dict) and "rope_theta" in rp:
-        return float(rp["rope_theta"])
+        return _typed("rope_parameters", "rope_theta", "float", rp["rope_theta"])
     return None
 
 
@@ -310,6 +360,12 @@ def _check_rope_scaling(d: dict) -> None:
                 raise ValueError(f"config.json: {key}.rope_type {kind!r} is not supported (only plain RoPE)")
 
 
+def _flag(d: dict, key: str, default: bool) -> bool:
+    """A true/false key of the top level (null counts as absent)."""
+    v = d.get(key)
+    return default if v is None else _typed("backbone", key, "bool", v)
+
+
 def _dtype_name(d: dict) -> str:
     v = d.get("torch_dtype", d.get("dtype", "bfloat16"))
     return str(v).replace("torch.", "") if v is not None else "bfloat16"
@@ -319,14 +375,14 @@ def _backbone(d: dict, kind: str) -> BackboneConfig:
     src = dict(d)
     theta = _rope_theta(d)
     if kind == "omni":
-        overrides = dict(qkv_bias=bool(d.get("attention_qkv_bias", True)),
-                         packed_qkv=bool(d.get("attention_qkv_pack", True)),
+        overrides = dict(qkv_bias=_flag(d, "attention_qkv_bias", True),
+                         packed_qkv=_flag(d, "attention_qkv_pack", True),
                          torch_dtype=_dtype_name(d))
         if theta is not None:
             overrides["rope_theta"] = theta
         if d.get("position_embedding_type", "rope") != "rope":
             raise ValueError(f"config.json: position_embedding_type must be 'rope', got {d['position_embedding_type']!r}")
-        if d.get("use_norm_head", False):
+        if _flag(d, "use_norm_head", False):
             raise ValueError("config.json: use_norm_head=true (normalised lm_head) is not supported")
         if d.get("sparse_attention_layers"):
             raise ValueError("config.json: sparse_attention_layers must be empty, got "
@@ -336,25 +392,60 @@ def _backbone(d: dict, kind: str) -> BackboneConfig:
         if model_type not in HF_MODEL_TYPES:
             raise ValueError(f"config.json: model_type must be 'omni' or one of {HF_MODEL_TYPES}, got {model_type!r}")
         _check_rope_scaling(d)
-        if d.get("mlp_bias", False):
+        if _flag(d, "mlp_bias", False):
             raise ValueError("config.json: mlp_bias=true is not supported")
         if model_type == "qwen2":
             qkv_bias = True  # Qwen2 always has q/k/v biases
         else:
-            qkv_bias = bool(d.get("attention_bias", False))
+            qkv_bias = _flag(d, "attention_bias", False)
         heads = d.get("num_attention_heads")
+        if heads is not None:  # checked here: head_dim and num_key_value_heads may be derived from it
+            heads = _typed("backbone", "num_attention_heads", "int", heads)
+            if heads < 1:
+                raise ValueError(f"config.json: num_attention_heads must be a positive integer, got {heads}")
         overrides = dict(qkv_bias=qkv_bias, packed_qkv=False, torch_dtype=_dtype_name(d),
                          rope_theta=theta if theta is not None else 10000.0,
-                         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
+                         tie_word_embeddings=_flag(d, "tie_word_embeddings", False))
         if "num_key_value_heads" not in d and heads is not None:
             src["num_key_value_heads"] = heads
-        if d.get("head_dim") is None and heads and d.get("hidden_size"):
-            src["head_dim"] = d["hidden_size"] // heads
-        if d.get("use_sliding_window", False):
+        if d.get("head_dim") is None and heads and d.get("hidden_size") is not None:
+            src["head_dim"] = _typed("backbone", "hidden_size", "int", d["hidden_size"]) // heads
+        if _flag(d, "use_sliding_window", False):
             raise ValueError("config.json: use_sliding_window=true is not supported")
     cfg = _build(BackboneConfig, "backbone (top level)", src, **overrides)
     cfg.extra = {k: v for k, v in d.items() if k not in _BACKBONE_KEYS and k not in _NOT_BACKBONE}
     return cfg.validate()
+
+
+# Counts that size the omni stages' tensor tables (layers, blocks, list lengths) and the sizes that must be
+# positive: a corrupt value is refused here, before a table of that many entries is built.
+COUNT_LIMIT = 1024
+_COUNTS = ("encoder_layers", "decoder_layers", "audio_head_transformer_layers", "depth", "prenet_nlayers",
+           "n_blocks", "num_mid_blocks")
+_SIZES = ("d_model", "encoder_attention_heads", "encoder_ffn_dim", "decoder_attention_heads", "decoder_ffn_dim",
+          "num_mel_bins", "avg_pooler", "embed_dim", "num_heads", "patch_size", "temporal_patch_size",
+          "spatial_merge_size", "hidden_size", "prenet_in_dim", "prenet_out_dim", "prenet_d_model",
+          "prenet_attention_heads", "prenet_ffn_dim", "in_channels", "attention_head_dim", "kernel_size",
+          "decoder_kernel_size", "stride_size", "hop_length", "sampling_rate", "max_audio_seconds", "merge_size")
+
+
+def _check_counts(section: str, obj) -> None:
+    for name in _COUNTS:
+        v = getattr(obj, name, None)
+        if v is not None and not 0 <= v <= COUNT_LIMIT:
+            raise ValueError(f"config.json: {section}.{name} must lie in [0, {COUNT_LIMIT}], got {v}")
+    for name in _SIZES:
+        v = getattr(obj, name, None)
+        if v is not None and not 1 <= v <= 2**24:
+            raise ValueError(f"config.json: {section}.{name} must lie in [1, 2^24], got {v}")
+    for name in ("codebook_sizes", "channels"):
+        v = getattr(obj, name, None)
+        if v is None:
+            continue
+        if not 1 <= len(v) <= 64 or not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 2**24
+                                            for x in v):
+            raise ValueError(f"config.json: {section}.{name} must be a list of 1 to 64 integers in [1, 2^24], "
+                             f"got {str(v)[:80]}")
 
 
 def parse_config(d: dict) -> ModelConfig:
@@ -377,6 +468,9 @@ def parse_config(d: dict) -> ModelConfig:
     vq = a.get("vq_config") if isinstance(a, dict) else None
     if not isinstance(vq, dict) or "codebook_sizes" not in vq:
         raise ValueError("config.json: audio_config is missing required key(s): vq_config.codebook_sizes")
+    if not isinstance(vq["codebook_sizes"], list):
+        raise ValueError(f"config.json: audio_config.vq_config.codebook_sizes must be a list, got "
+                         f"{str(vq['codebook_sizes'])[:80]}")
     audio = _build(AudioConfig, "audio_config", a, codebook_sizes=list(vq["codebook_sizes"]), vq_config=vq)
     visual = _build(VisualConfig, "visual_config", d["visual_config"])
     video = _build(VideoConfig, "video_config", d["video_config"])
@@ -384,20 +478,28 @@ def parse_config(d: dict) -> ModelConfig:
     cfm = _build(CfmParams, "flow_matching_config.cfm_params", fm.pop("cfm_params", {}))
     flow = _build(FlowMatchingConfig, "flow_matching_config", fm, cfm_params=cfm)
     vocoder = _build(VocoderConfig, "vocoder_config", d["vocoder_config"])
+    for section, obj in (("audio_config", audio), ("visual_config", visual), ("video_config", video),
+                         ("flow_matching_config", flow), ("vocoder_config", vocoder)):
+        _check_counts(section, obj)
     return ModelConfig(kind=kind, backbone=backbone, audio=audio, visual=visual, video=video, flow_matching=flow,
                        vocoder=vocoder, quantization=quant, raw=d)
 
 
 def load_config(path_or_dir) -> ModelConfig:
     """Read `config.json` from a checkpoint folder (or the file itself)."""
+    from omni_edge.safetensors_file import require_regular
+
     path = os.fspath(path_or_dir)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise ValueError(f"config: no config.json at {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
+    require_regular(path, "config")
+    try:
+        with open(path, encoding="utf-8") as f:
             d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config: {path} is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"config: {path} is not valid JSON ({' '.join(str(e).split())[:200]})") from None
+    except OSError as e:
+        raise ValueError(f"config: cannot read {path}: {e.strerror or e}") from None
     return parse_config(d)

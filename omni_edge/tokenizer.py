@@ -469,6 +469,11 @@ class TemplatePrompt:
             stops.append(eos)
         self.stop_ids = tuple(stops)
 
+    # A rendered prompt longer than this, or a render slower than this, is a broken (or hostile) template: the
+    # sandbox stops attribute tricks, not loops. Real templates render a turn in well under a millisecond.
+    MAX_RENDER_CHARS = 4 << 20
+    MAX_RENDER_SECONDS = 5.0
+
     def render_text(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
         from jinja2 import TemplateError
 
@@ -477,11 +482,23 @@ class TemplatePrompt:
             raise ValueError(f"{self.tok.source} is a text model (chat-template prompt format): it takes no "
                              f"images, video or audio; media need a Baichuan-Omni checkpoint or bundle")
         plain = [{"role": m["role"], "content": text_of(m.get("content", ""))} for m in messages]
+        limit = self.MAX_RENDER_CHARS + sum(len(m["content"]) for m in plain)
         try:
-            return self.template.render(messages=plain, add_generation_prompt=add_generation_prompt,
-                                        tools=None, documents=None, **self.variables)
+            text = _bounded_render(self.template, limit, self.MAX_RENDER_SECONDS,
+                                   dict(messages=plain, add_generation_prompt=add_generation_prompt, tools=None,
+                                        documents=None, **self.variables))
         except TemplateError as e:
             raise ValueError(f"the chat template of {self.tok.source} rejected the conversation: {e}") from None
+        except _RenderLimit as e:
+            raise TokenizerError(f"the chat template of {self.tok.source} {e}; it is not usable") from None
+        except (MemoryError, RecursionError) as e:
+            raise TokenizerError(f"the chat template of {self.tok.source} ran out of "
+                                 f"{'memory' if isinstance(e, MemoryError) else 'stack'} while rendering; "
+                                 f"it is not usable") from None
+        if not text.strip():
+            raise TokenizerError(f"the chat template of {self.tok.source} rendered an empty prompt for this "
+                                 f"conversation ({len(plain)} message(s)); the model would get no input")
+        return text
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> List[int]:
         return self.tok.encode(self.render_text(messages, add_generation_prompt=add_generation_prompt),
@@ -489,6 +506,48 @@ class TemplatePrompt:
 
     def render_spans(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> Rendered:
         return Rendered(self.render(messages, add_generation_prompt=add_generation_prompt))
+
+
+class _RenderLimit(Exception):
+    pass
+
+
+def _bounded_render(template, max_chars: int, max_seconds: float, variables: dict) -> str:
+    """template.render(**variables), stopped with _RenderLimit past `max_chars` of output or `max_seconds`.
+
+    Output is checked as the template streams it; time is checked on every line the compiled template runs
+    (a trace function on the template's own frames only), so a loop that prints nothing is stopped too."""
+    import sys
+    import time
+
+    deadline = time.monotonic() + max_seconds
+
+    def on_line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _RenderLimit(f"took more than {max_seconds:g} s to render")
+        return on_line
+
+    def on_call(frame, event, arg):
+        if frame.f_code.co_filename == "<template>":
+            return on_line(frame, event, arg)
+        return None
+
+    previous = sys.gettrace()
+    if previous is None:  # leave a debugger's or coverage tool's tracer alone: the size bound still holds
+        sys.settrace(on_call)
+    try:
+        parts, n = [], 0
+        for chunk in template.generate(**variables):
+            n += len(chunk)
+            if n > max_chars:
+                raise _RenderLimit(f"produced more than {max_chars} characters")
+            parts.append(chunk)
+            if time.monotonic() > deadline:
+                raise _RenderLimit(f"took more than {max_seconds:g} s to render")
+        return "".join(parts)
+    finally:
+        if previous is None:
+            sys.settrace(None)
 
 
 def prompt_format(tokenizer: Tokenizer, kind: str, *, eos_ids: Sequence[int] = ()):

@@ -1,6 +1,6 @@
 """`quantize_checkpoint(src, out, options)`: source checkpoint -> edge bundle.
 
-What the bundle holds (ARCHITECTURE.md, "The edge bundle"):
+What the bundle holds (docs/ARCHITECTURE.md, "The edge bundle"):
 
 - the decoder's linears in the standard GPTQ layout (qweight, qzeros, scales, g_idx, bias), under the source's
   own tensor names. checkpoint_format "gptq" (v1: stored zero = zero - 1) for symmetric grids; asymmetric grids
@@ -9,7 +9,8 @@ What the bundle holds (ARCHITECTURE.md, "The edge bundle"):
   checkpoints from other producers. `checkpoint_format` overrides the choice;
 - the backbone's other tensors (embed_tokens, norms, lm_head, audio_embed_layers) as fp16;
 - every other stage's tensors unchanged (audio head, vision, audio tokenizer/decoder/flow matching);
-- config.json (the source's, plus `quantization_config`), the tokenizer and other side files, copied;
+- config.json (the source's, plus `quantization_config`) and the side files the runtime reads (generation
+  config, tokenizer files, chat template; licence / readme), copied by allow-list and listed in the manifest;
 - `omni_edge.json`, the manifest (see omni_edge/bundle.py), written last.
 
 Files: a plain HF source (Llama / Qwen2) gives one `model.safetensors`, so the bundle is at the same time a
@@ -32,8 +33,8 @@ from omni_edge import __version__
 from omni_edge import bundle as bundle_mod
 from omni_edge.checkpoint import INDEX_FILE, Checkpoint, Linear as LinearSpec, stage_specs, stages_of
 
-from .bundle_writer import (AtomicDir, SafetensorsWriter, copy_side_files, file_entry, source_fingerprint,
-                            write_json)
+from .bundle_writer import (AtomicDir, SafetensorsWriter, clean_stale_partials, copy_side_files, file_entry,
+                            source_fingerprint, write_json)
 from .calibration import build_calibration, heldout_samples
 from .gptq import QuantSpec
 from .sequential import STORE_DTYPE, run_sequential
@@ -233,11 +234,14 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
     _check_paths(src, out)
     target = AtomicDir(out, force=opts.force)
     target.check_target()
+    for name in clean_stale_partials(out):
+        log(f"note: removed {name}, the partial output of an earlier quantize run that was killed")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA GPU on this machine")
     torch.manual_seed(opts.seed)
 
     ckpt = Checkpoint.open(src)
+    ckpt.finite_check = "all"  # a NaN / Inf weight is refused by name as it is read, never quantized
     cfg = ckpt.config
     if ckpt.gptq is not None or any(n.endswith(".qweight") for n in ckpt.names()):
         raise ValueError(f"{src} is already quantized (it has GPTQ tensors / a quantization_config)")
@@ -283,7 +287,10 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
             raise
         ckpt.close()
 
-        side = copy_side_files(src, tmp)
+        skipped: List[str] = []
+        side = copy_side_files(src, tmp, skipped)
+        for why in skipped:
+            log(f"note: not copied into the bundle: {why}")
         config = dict(cfg.raw)
         config["quantization_config"] = _quantization_config(opts, spec)
         if cfg.kind == "hf":  # every float tensor of the bundle is fp16

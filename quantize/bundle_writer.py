@@ -3,27 +3,29 @@
 - `AtomicDir(out, force=)`: a context manager that hands out a temporary folder beside OUT
   (`.OUT.partial-<pid>`) and renames it to OUT only when the `with` block ends without an exception. On an
   exception or Ctrl-C the temporary folder is removed; a process killed outright leaves only the hidden
-  partial folder, which has no manifest and so is never taken for a bundle. An existing OUT is refused
+  partial folder, which has no manifest and so is never taken for a bundle; the next run for the same OUT
+  removes such folders of dead processes (`clean_stale_partials`) and says so. An existing OUT is refused
   unless force=True, and even then only replaced if it is empty or a bundle (it has omni_edge.json).
 - `SafetensorsWriter(path, specs)`: a .safetensors file whose table of contents (names, dtypes, shapes) is
   known up front; the header is written first and each tensor is written into its slot whenever it is
   ready, so a 7B backbone never has to sit in memory as a whole.
-- `source_fingerprint(ckpt)`, `copy_side_files(src, dst)`, `file_entry(path)`: manifest helpers.
+- `source_fingerprint(ckpt)`, `copy_side_files(src, dst)` (an allow-list, never through a symlink leaving the
+  source), `file_entry(path)`: manifest helpers.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from omni_edge.bundle import MANIFEST, sha256_of, tensor_table
+from omni_edge.bundle import MANIFEST, sha256_of, source_fingerprint, tensor_table  # noqa: F401 (re-exported)
+from omni_edge.safetensors_file import special_file
 
 # torch dtype <-> safetensors dtype name
 ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -33,7 +35,6 @@ ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 
 # Files of a source checkpoint that are never copied into a bundle (weights are rewritten, pickles never read).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".onnx", ".gguf", ".h5", ".msgpack")
-NOT_COPIED = ("config.json", "model.safetensors.index.json", "quantize_config.json", MANIFEST)
 SIDE_FILE_LIMIT = 64 << 20  # bigger top-level files are not side files (tokenizer.json of Qwen is ~7 MB)
 
 
@@ -198,36 +199,86 @@ class SafetensorsWriter:
 # Manifest helpers
 # ------------------------------------------------------------------------------------------------
 
-def source_fingerprint(config_path, tensors: Iterable[Tuple[str, str, Sequence[int]]]) -> str:
-    """sha256 over config.json's content and every tensor's (name, dtype, shape): identifies the source
-    checkpoint without reading its weights."""
-    with open(config_path, "rb") as f:
-        config = json.loads(f.read().decode("utf-8"))
-    doc = {"config": config, "tensors": sorted([n, d, list(s)] for n, d, s in tensors)}
-    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return "sha256:" + hashlib.sha256(blob).hexdigest()
+# The only source files a bundle carries besides the weights it writes and its own config.json: what the runtime
+# reads (generation config, tokenizer files, chat template, processor settings) and the licence / readme that
+# must travel with the weights. Anything else in the source folder (notes, credentials, remote code, caches)
+# stays out.
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+              "chat_template.json", "preprocessor_config.json", "processor_config.json")
+SIDE_FILE_PREFIXES = ("LICENSE", "LICENCE", "NOTICE", "README", "USE_POLICY")  # LICENSE, LICENSE.txt, README.md
 
 
-def side_files(src) -> List[str]:
-    """Top-level files of a checkpoint worth carrying into a bundle: tokenizer files, generation config,
-    chat template, license, remote code. Never weights, the index, config.json or a manifest."""
+def _side_file_ok(src: Path, p: Path) -> str:
+    """'' when `p` may be copied; else why not (in words)."""
+    if p.is_symlink():
+        target = Path(os.path.realpath(p))
+        if src.resolve() not in target.parents:
+            return f"a symlink to {target}, outside the source folder"
+    if special_file(p) or not p.is_file():
+        return special_file(p) or "not a regular file"
+    if p.stat().st_size > SIDE_FILE_LIMIT:
+        return f"larger than {SIDE_FILE_LIMIT >> 20} MiB"
+    return ""
+
+
+def side_files(src, skipped: Optional[List[str]] = None) -> List[str]:
+    """Names of the source's top-level files a bundle carries (SIDE_FILES and licence / readme files), never
+    through a symlink that leaves the source folder. Candidates refused are described in `skipped`."""
+    src = Path(src)
     out = []
-    for p in sorted(Path(src).iterdir()):
-        if not p.is_file() or p.name.startswith("."):
+    for p in sorted(src.iterdir()):
+        wanted = p.name in SIDE_FILES or (p.name.upper().startswith(SIDE_FILE_PREFIXES) and "/" not in p.name
+                                          and not p.name.endswith(WEIGHT_SUFFIXES))
+        if not wanted:
             continue
-        if p.name in NOT_COPIED or p.name.endswith(WEIGHT_SUFFIXES):
-            continue
-        if p.stat().st_size > SIDE_FILE_LIMIT:
+        why = _side_file_ok(src, p)
+        if why:
+            if skipped is not None:
+                skipped.append(f"{p.name}: {why}")
             continue
         out.append(p.name)
     return out
 
 
-def copy_side_files(src, dst) -> List[str]:
-    names = side_files(src)
+def copy_side_files(src, dst, skipped: Optional[List[str]] = None) -> List[str]:
+    """Copy `side_files(src)` into `dst` (file contents; the copies are plain files). Returns their names."""
+    names = side_files(src, skipped)
     for name in names:
-        shutil.copyfile(Path(src) / name, Path(dst) / name)
+        shutil.copyfile(Path(src) / name, Path(dst) / name, follow_symlinks=True)
     return names
+
+
+def clean_stale_partials(out) -> List[str]:
+    """Remove `.OUT.partial-<pid>` folders beside OUT left by quantize runs that were killed outright (their
+    process no longer exists). Folders of live processes are kept. Returns the names removed."""
+    out = Path(out).absolute()
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    prefix = f".{out.name}.partial-"
+    for p in out.parent.iterdir():
+        if not p.name.startswith(prefix) or not p.is_dir() or p.is_symlink():
+            continue
+        pid_text = p.name[len(prefix):]
+        if not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return sorted(removed)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid < 2**22  # another user's process (or an absurd number): keep its folder unless absurd
+    return True
 
 
 def file_entry(path, *, tensors: bool = False) -> dict:

@@ -22,6 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+from omni_edge.safetensors_file import sha256_file
+
 BUILTIN_CALIBRATION = "calibration.jsonl"
 BUILTIN_HELDOUT = "heldout.jsonl"
 
@@ -79,12 +81,7 @@ def builtin_heldout_texts() -> List[str]:
     return _builtin(BUILTIN_HELDOUT)
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+file_sha256 = sha256_file  # the project's one file-hash helper
 
 
 @dataclass

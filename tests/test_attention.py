@@ -1,7 +1,7 @@
 """Attention kernels (csrc/attention via omni_edge.ops.attention) against the scalar C++ reference and the
 torch references, on odd shapes, every dtype and every CPU instruction-set level.
 
-Tolerance rules (STYLE.md: attention at most 2x the error of a same-precision torch version):
+Tolerance rules (the project's rule: attention at most 2x the error of a same-precision torch version):
 - vs the fp32 torch reference (`*_ref` on the inputs upcast to fp32, i.e. the exact same rounded values):
   max error of ours <= 2 * max error of torch's scaled_dot_product_attention run in the input dtype, + 1e-5.
   The 1e-5 floor (values are O(1)) covers fp32, where both errors are fp32 summation-order noise and torch's
@@ -22,21 +22,18 @@ import torch.nn.functional as F
 from omni_edge import _native
 from omni_edge.ops import _check, _dispatch
 from omni_edge.ops import attention as A
+from omni_edge.testing import cpu_isa_levels
 
 C = _native.lib()
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ISA_ORDER = ("scalar", "avx2", "avx512")
-ISAS = ISA_ORDER[: ISA_ORDER.index(C.build_info()["isa_available"]) + 1] if C.build_info()["isa_available"] in ISA_ORDER else ("scalar",)
+ISAS = cpu_isa_levels()
 EPS = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 FLOOR = 1e-5
 
 has_cuda = torch.cuda.is_available() and C.build_info()["cuda_compiled"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_isa():
-    yield
-    C.set_isa_cap("avx512")
+pytestmark = pytest.mark.usefixtures("restore_isa")  # conftest: the user's OMNI_EDGE_ISA cap comes back
 
 
 def test_native_path_is_taken_on_cpu():

@@ -8,10 +8,10 @@ import torch
 
 from omni_edge.backbone import (LINEAR_GROUPS_PACKED, LINEAR_GROUPS_SPLIT, Backbone, DecoderLayer, Linear,
                                 apply_rope, linear_groups, rope_tables, rtn_group_size)
-from omni_edge.checkpoint import Checkpoint, decoder_layer_specs
+from omni_edge.checkpoint import Checkpoint
 from omni_edge.config import BackboneConfig
 from omni_edge.ops import q4
-from omni_edge.testing import random_tensor
+from omni_edge.testing import backbone_tensors
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,23 +30,7 @@ def _cfg(shape, *, packed=True, bias=True, tied=False, theta=1e6, eps=1e-6):
                           qkv_bias=bias, packed_qkv=packed, tie_word_embeddings=tied, torch_dtype="float32")
 
 
-def _tensors(cfg: BackboneConfig, seed=0):
-    """Random fp32 tensors under the checkpoint names of `cfg` (omni W_pack or hf q/k/v)."""
-    out = {"model.embed_tokens.weight": random_tensor("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), seed),
-           "model.norm.weight": random_tensor("model.norm.weight", (cfg.hidden_size,), seed)}
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = random_tensor("lm_head.weight", (cfg.vocab_size, cfg.hidden_size), seed)
-    for i in range(cfg.num_hidden_layers):
-        for s in decoder_layer_specs(cfg):
-            p = f"model.layers.{i}."
-            if hasattr(s, "prefix"):
-                name = p + s.prefix
-                out[name + ".weight"] = random_tensor(name + ".weight", (s.out_features, s.in_features), seed)
-                if s.bias:
-                    out[name + ".bias"] = random_tensor(name + ".bias", (s.out_features,), seed)
-            else:
-                out[p + s.name] = random_tensor(p + s.name, s.shape, seed)
-    return out
+_tensors = backbone_tensors  # omni_edge.testing (shared with the self-check)
 
 
 def _hf_model(cfg: BackboneConfig, tensors, arch="qwen2"):

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from omni_edge import bundle
+from omni_edge.ops import q4
 from omni_edge.quantize import build, calibration
 from omni_edge.quantize.build import QuantizeOptions, quantize_checkpoint
 
@@ -70,9 +71,22 @@ def _runtime_checks(out, manifest, src):
     assert runtime_perplexity(model.backbone, held) == pytest.approx(ppl["quantized"], rel=1e-4)
     source = pipeline.load(src, device="cpu")
     assert runtime_perplexity(source.backbone, held) == pytest.approx(ppl["source"], rel=1e-4)
-    reply = model.session(seed=0).send("What is the capital of France?", SamplingParams(temperature=0.0,
-                                                                                        max_new_tokens=8))
-    assert len(reply.ids) >= 1
+    question = "What is the capital of France?"
+    # the reply is the bundle model's greedy continuation over the tokenizer's vocabulary (embedding rows past it
+    # are padding the generator never samples), recomputed from position 0 for every token; both on the exact q4
+    # path, since the int8-activation path rounds a decode step and a full recompute differently
+    with q4.exact_mode():
+        reply = model.session(seed=0).send(question, SamplingParams(temperature=0.0, max_new_tokens=8,
+                                                                    repetition_penalty=1.0))
+    ids, ref = list(model.prompt.render([{"role": "user", "content": question}])), []
+    with torch.inference_mode(), q4.exact_mode():
+        for _ in range(8):
+            h = model.backbone.forward(torch.tensor([ids]), start=0)
+            vocab = min(model.tokenizer.vocab_size, model.backbone.config.vocab_size)
+            ref.append(int(torch.argmax(model.backbone.logits(h[:, -1])[0][:vocab])))
+            ids.append(ref[-1])
+    assert reply.ids == ref[:len(reply.ids)]
+    assert (reply.finish_reason == "stop" and ref[len(reply.ids)] in model.prompt.stop_ids) or reply.ids == ref
     return model
 
 

@@ -72,13 +72,13 @@ def _params(cfg, stage):
 
 def test_tables_at_real_sizes_match_model_md():
     cfg = parse_config(reference_config())
-    # MODEL.md §3.3 cross-check: tensor counts of the audio stack (bridge = encode side + RVQ/proj_decoder)
+    # docs/MODEL.md §3.3 cross-check: tensor counts of the audio stack (bridge = encode side + RVQ/proj_decoder)
     assert _count(cfg, "audio_encoder") == 487
     assert _count(cfg, "audio_bridge") + _count(cfg, "rvq") == 31
     assert _count(cfg, "audio_decoder") == 149
     assert _count(cfg, "flow_prenet") == 163
     assert _count(cfg, "flow_estimator") == 910
-    # MODEL.md §5 parameter counts (millions, rounded as there)
+    # docs/MODEL.md §5 parameter counts (millions, rounded as there)
     assert round(_params(cfg, "audio_head") / 1e6) == 1457
     assert round(_params(cfg, "visual") / 1e6) == 631
     assert round(_params(cfg, "visual_bridge") / 1e6, 1) == 44.6
@@ -100,7 +100,7 @@ def test_tables_at_real_sizes_match_model_md():
     assert specs["model.audio_embed_layers.7.weight"].shape == (1025, 3584)
 
 
-# Names quoted in MODEL.md §3.3, checked literally in the tiny checkpoint (layer / block indices within range).
+# Names quoted in docs/MODEL.md §3.3, checked literally in the tiny checkpoint (layer / block indices within range).
 LITERAL_NAMES = [
     "model.embed_tokens.weight", "model.layers.0.self_attn.W_pack.weight", "model.layers.1.self_attn.W_pack.bias",
     "model.layers.1.self_attn.o_proj.weight", "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight",

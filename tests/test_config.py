@@ -13,7 +13,7 @@ def test_reference_omni_config_fields():
     cfg = parse_config(reference_config())
     assert cfg.kind == "omni"
     b = cfg.backbone
-    # MODEL.md §1.5
+    # docs/MODEL.md §1.5
     assert (b.num_hidden_layers, b.hidden_size, b.num_attention_heads, b.num_key_value_heads, b.head_dim) == \
         (28, 3584, 28, 4, 128)
     assert (b.intermediate_size, b.vocab_size, b.rope_theta, b.rms_norm_eps) == (18944, 152064, 1e6, 1e-6)

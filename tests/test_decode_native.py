@@ -8,22 +8,22 @@ the layers and 20+ decode steps that stays below 1e-5 of the hidden state's magn
 round differently after such a 1-ulp difference; that did not happen on these inputs, and the same 1e-5
 bound holds there too. Greedy tokens must be identical."""
 
-import os
 
 import pytest
 import torch
 
-from omni_edge import _native
+from omni_edge import _native, knobs
 from omni_edge.backbone import Backbone
-from omni_edge.checkpoint import Checkpoint, decoder_layer_specs
+from omni_edge.checkpoint import Checkpoint
 from omni_edge.config import BackboneConfig
 from omni_edge.ops import q4
-from omni_edge.testing import random_tensor
+from omni_edge.testing import backbone_tensors, cpu_isa_levels
 
 if not _native.available():
     pytest.skip("native extension not built", allow_module_level=True)
 
 TOL = 1e-5  # relative to max |h| (see the module docstring)
+pytestmark = pytest.mark.usefixtures("native_decode")  # conftest: the native_decode switch is restored after each test
 
 
 def _cfg(packed: bool, bias: bool = True) -> BackboneConfig:
@@ -34,21 +34,7 @@ def _cfg(packed: bool, bias: bool = True) -> BackboneConfig:
                           torch_dtype="float32")
 
 
-def _tensors(cfg: BackboneConfig, seed: int = 0):
-    out = {"model.embed_tokens.weight": random_tensor("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), seed),
-           "model.norm.weight": random_tensor("model.norm.weight", (cfg.hidden_size,), seed),
-           "lm_head.weight": random_tensor("lm_head.weight", (cfg.vocab_size, cfg.hidden_size), seed)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        for s in decoder_layer_specs(cfg):
-            if hasattr(s, "prefix"):
-                name = p + s.prefix
-                out[name + ".weight"] = random_tensor(name + ".weight", (s.out_features, s.in_features), seed)
-                if s.bias:
-                    out[name + ".bias"] = random_tensor(name + ".bias", (s.out_features,), seed)
-            else:
-                out[p + s.name] = random_tensor(p + s.name, s.shape, seed)
-    return out
+_tensors = backbone_tensors  # omni_edge.testing (shared with the self-check)
 
 
 def _rel(a, b):
@@ -71,7 +57,7 @@ class _Counter:
 
 def _run(bb: Backbone, ids: torch.Tensor, prompt: int, native: bool, monkeypatch):
     """Prefill `prompt` tokens (Python path), then teacher-forced decode of the rest one token at a time."""
-    monkeypatch.setenv("OMNI_EDGE_NATIVE_DECODE", "1" if native else "0")
+    knobs.set("native_decode", native)
     bb.allocate_cache(ids.shape[1] + 3)
     bb.forward(ids[:, :prompt], start=0)
     hs = [bb.forward(ids[:, i:i + 1], start=i) for i in range(prompt, ids.shape[1])]
@@ -105,7 +91,7 @@ def test_plan_follows_replaced_linears(monkeypatch):
     cfg = _cfg(False, bias=False)
     bb = Backbone.from_tensors(cfg, _tensors(cfg))
     ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
-    monkeypatch.setenv("OMNI_EDGE_NATIVE_DECODE", "1")
+    knobs.set("native_decode", True)
     bb.allocate_cache(16)
     plan = bb._decode_plan()
     bb.layers[1].quantize_rtn(32)
@@ -117,7 +103,7 @@ def test_plan_follows_replaced_linears(monkeypatch):
 
 
 def _greedy(bb: Backbone, prompt: torch.Tensor, steps: int, native: bool, monkeypatch):
-    monkeypatch.setenv("OMNI_EDGE_NATIVE_DECODE", "1" if native else "0")
+    knobs.set("native_decode", native)
     t = prompt.shape[1]
     bb.allocate_cache(t + steps)
     nxt = bb.logits(bb.forward(prompt, start=0)[:, -1]).argmax(-1)
@@ -161,7 +147,7 @@ def test_greedy_tokens_identical_smollm2(smollm2_dir, monkeypatch):
 
 @torch.no_grad()
 def test_position_outside_cache_is_a_value_error(monkeypatch):
-    monkeypatch.setenv("OMNI_EDGE_NATIVE_DECODE", "1")
+    knobs.set("native_decode", True)
     cfg = _cfg(True)
     bb = Backbone.from_tensors(cfg, _tensors(cfg), quant="rtn4")
     bb.allocate_cache(4)
@@ -185,9 +171,9 @@ def test_unsupported_cases_use_the_python_loop(monkeypatch):
     bb.allocate_cache(8, batch=2)
     assert "batch" in bb.native_decode_supported()
     bb.allocate_cache(8)
-    monkeypatch.setenv("OMNI_EDGE_NATIVE_DECODE", "0")
+    knobs.set("native_decode", False)
     assert bb.native_decode_supported() == "OMNI_EDGE_NATIVE_DECODE=0"
-    monkeypatch.setenv("OMNI_EDGE_NATIVE_DECODE", "1")
+    knobs.set("native_decode", True)
     assert bb.native_decode_supported() is None
     b16 = Backbone.from_tensors(cfg, _tensors(cfg), dtype=torch.bfloat16)
     b16.allocate_cache(8)
@@ -233,13 +219,8 @@ GEMV_SHAPES = [(1, 1), (3, 5), (4, 16), (7, 17), (9, 31), (33, 100), (129, 577),
 
 
 @pytest.fixture
-def isa_levels():
-    lib = _native.lib()
-    avail = lib.build_info()["isa_available"]
-    order = ["scalar", "avx2", "avx512"] if avail in ("avx2", "avx512") else ["scalar"]
-    levels = order[:order.index(avail) + 1] if avail in order else ["scalar"]
-    yield levels
-    lib.set_isa_cap(avail if avail in ("scalar", "neon", "avx2", "avx512") else "scalar")
+def isa_levels(restore_isa):
+    return list(cpu_isa_levels())
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -301,12 +282,12 @@ def test_long_context_step(threads, monkeypatch):
         v[:, :, :, :pos] = torch.randn(v[:, :, :, :pos].shape, generator=gen)
         h = bb.embed(torch.tensor([[7]]))
         with q4.exact_mode(True):
-            monkeypatch.setenv("OMNI_EDGE_NATIVE_DECODE", "0")
+            knobs.set("native_decode", False)
             h_py = bb.forward(inputs_embeds=h, start=pos)
             kv_py = (k[:, :, :, pos].clone(), v[:, :, :, pos].clone())
             k[:, :, :, pos] = 0
             v[:, :, :, pos] = 0
-            monkeypatch.setenv("OMNI_EDGE_NATIVE_DECODE", "1")
+            knobs.set("native_decode", True)
             h_nat = bb.decode_step_native(h, pos)
         assert _rel(h_nat, h_py) < TOL
         assert _rel(k[:, :, :, pos], kv_py[0]) < TOL and _rel(v[:, :, :, pos], kv_py[1]) < TOL

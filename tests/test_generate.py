@@ -314,10 +314,18 @@ def test_system_prompt_change_reprefills_from_the_change(model):
     assert r.prefilled_tokens == r.prompt_tokens - len(shared)  # "<B_SYS>Be" is kept, the rest re-prefilled
 
 
+@pytest.mark.usefixtures("q4_exact")
 def test_rtn4_session_runs(tiny_omni):
     m = pipeline.load(tiny_omni, dtype="float32", quant="rtn4", max_context=128)
-    r = m.session(seed=0).send("Hi", SamplingParams(max_new_tokens=5))
-    assert r.new_tokens + (r.finish_reason == "stop") >= 1
+    r = m.session(seed=0).send("Hi", GREEDY)
+    # the reply is the 4-bit model's own greedy continuation, recomputed from position 0 for every token, up to
+    # the first stop token (excluded from ids) or N tokens
+    ref = argmax_loop(m.backbone, m.prompt.render([{"role": "user", "content": "Hi"}]), N)
+    assert r.ids == ref[:len(r.ids)]
+    if r.finish_reason == "stop":
+        assert ref[len(r.ids)] in m.prompt.stop_ids
+    else:
+        assert r.finish_reason == "length" and len(r.ids) == N
     assert m.describe()["quant"] == "rtn4"
 
 

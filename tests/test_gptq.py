@@ -184,7 +184,7 @@ def test_roundtrip_through_gptq_tensors_and_q4(sym, act_order, static, group_siz
                                   checkpoint_format=fmt)
         assert torch.equal(qw.dequantize(), res.weight.t())  # the codes decode to exactly GPTQ's weight
         xs = torch.randn(7, 256)
-        # q4 matmul against the fp32 matmul of the dequantized weight (STYLE.md rule 8)
+        # q4 matmul against the fp32 matmul of the dequantized weight (the project's tolerance rule for q4)
         torch.testing.assert_close(q4.matmul(xs, qw), xs @ res.weight.t(), rtol=1e-4, atol=1e-4)
 
 

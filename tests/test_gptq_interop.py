@@ -10,7 +10,7 @@ Skipped when gptqmodel is not importable. It installs next to the CPU torch with
 
 Tolerances: our runtime dequantizes exactly (fp32); GPTQModel's CPU kernels compute in fp16 (backend TORCH) or
 bf16 (the kernel transformers picks). So weights must agree to one fp16 rounding, and logits to twice the
-difference between our own fp16 (or bf16) run and our fp32 run (the same-precision rule of STYLE.md).
+difference between our own fp16 (or bf16) run and our fp32 run (the project's same-precision rule).
 """
 
 import os

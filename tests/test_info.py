@@ -46,29 +46,32 @@ def test_info_respects_isa_cap():
 def test_help_lists_subcommands():
     r = run_cli("--help")
     assert r.returncode == 0
-    for cmd in ("chat", "demo", "quantize", "info"):
+    for cmd in ("chat", "demo", "quantize", "info", "verify", "inspect"):
         assert cmd in r.stdout
 
 
-def test_self_check_cache_roundtrip(tmp_path, monkeypatch):
+def test_self_check_cache_roundtrip(tmp_path):
+    from omni_edge import knobs
     from omni_edge.ops import _dispatch
 
-    monkeypatch.setenv("OMNI_EDGE_CACHE", str(tmp_path))
     result = {f: {"ok": f != "rvq", "error": "" if f != "rvq" else "boom"} for f in _dispatch.FAMILIES}
-    _dispatch._store_cache("GPU X|sm_87|omni-edge 0", result)
+    with knobs.override(cache_dir=tmp_path):  # the Python equivalent of OMNI_EDGE_CACHE
+        _dispatch._store_cache("GPU X|sm_87|omni-edge 0", result)
     data = json.loads((tmp_path / "selfcheck.json").read_text())
     assert data["GPU X|sm_87|omni-edge 0"]["rvq"]["ok"] is False
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-def test_native_can_be_disabled(monkeypatch):
+def test_native_can_be_disabled():
     import torch
 
+    from omni_edge import knobs
     from omni_edge.ops import _dispatch
 
     assert _dispatch.native_enabled("q4", torch.device("cpu"))
-    monkeypatch.setenv("OMNI_EDGE_NATIVE", "0")
-    assert not _dispatch.native_enabled("q4", torch.device("cpu"))
+    with knobs.override(native=False):  # the Python equivalent of OMNI_EDGE_NATIVE=0
+        assert not _dispatch.native_enabled("q4", torch.device("cpu"))
+    assert _dispatch.native_enabled("q4", torch.device("cpu"))
 
 
 @pytest.mark.cuda

@@ -295,7 +295,7 @@ def test_int8_activation_quantization_contract():
 
 
 def test_real_qwen_shapes():
-    """Qwen2.5-7B (MODEL.md §1.5): hidden 3584, q+k+v = 3584 + 512 + 512 = 4608 (W_pack), intermediate
+    """Qwen2.5-7B (docs/MODEL.md §1.5): hidden 3584, q+k+v = 3584 + 512 + 512 = 4608 (W_pack), intermediate
     18944 (down_proj input; a 128-column slice keeps the test fast), group 128, act-order, asymmetric."""
     gen = torch.Generator().manual_seed(11)
     for k, n in ((3584, 4608), (18944, 128)):

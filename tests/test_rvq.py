@@ -16,21 +16,17 @@ import torch
 from omni_edge import _native
 from omni_edge.ops import _check, _dispatch
 from omni_edge.ops import rvq as R
+from omni_edge.testing import cpu_isa_levels
 
 C = _native.lib()
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ISA_ORDER = ("scalar", "avx2", "avx512")
-_avail = C.build_info()["isa_available"]
-ISAS = ISA_ORDER[: ISA_ORDER.index(_avail) + 1] if _avail in ISA_ORDER else ("scalar",)
-REAL_SIZES = (8192, 4096, 2048, 1024, 1024, 1024, 1024, 1024)  # MODEL.md 1.4 vq_config codebook_sizes
+ISAS = cpu_isa_levels()
+REAL_SIZES = (8192, 4096, 2048, 1024, 1024, 1024, 1024, 1024)  # docs/MODEL.md §1.4 vq_config codebook_sizes
 REAL_DIM = 5120
 has_cuda = torch.cuda.is_available() and C.build_info()["cuda_compiled"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_isa():
-    yield
-    C.set_isa_cap("avx512")
+pytestmark = pytest.mark.usefixtures("restore_isa")  # conftest: the user's OMNI_EDGE_ISA cap comes back
 
 
 def test_native_path_is_taken_on_cpu():

@@ -31,7 +31,7 @@ def bytelevel_dir(tiny_omni_bytelevel):
 # ---- special tokens --------------------------------------------------------------------------------
 
 def test_special_ids_come_from_the_checkpoint(qwen, qwen_dir):
-    # MODEL.md §2.1 ids of the released vocabulary
+    # docs/MODEL.md §2.1 ids of the released vocabulary
     assert qwen.token_id("<|endoftext|>") == 151643
     assert qwen.token_id("<B_SYS>") == 151665
     assert qwen.token_id("<C_Q>") == 151667
@@ -77,7 +77,7 @@ def test_unreadable_tokenizer_files(tmp_path):
         Tokenizer.from_dir(tmp_path)
 
 
-# ---- Baichuan-Omni prompt (MODEL.md §2.2) ----------------------------------------------------------
+# ---- Baichuan-Omni prompt (docs/MODEL.md §2.2) ----------------------------------------------------------
 
 def _ref(tok: Tokenizer, text: str):
     """Independent reference: the whole prompt string encoded at once, special-token strings parsed (what the

@@ -38,16 +38,9 @@ Isa detect_level(const CpuFeatures& f) {
   return Isa::Scalar;
 }
 
-Isa env_cap() {
-  const char* s = std::getenv("OMNI_EDGE_ISA");
-  if (!s || !*s) return Isa::Avx512;
-  if (!std::strcmp(s, "scalar")) return Isa::Scalar;
-  if (!std::strcmp(s, "neon")) return Isa::Neon;
-  if (!std::strcmp(s, "avx2")) return Isa::Avx2;
-  return Isa::Avx512;
-}
-
-Isa g_cap = env_cap();
+// No cap until the host sets one: the runtime switch OMNI_EDGE_ISA is read once, in Python
+// (omni_edge/knobs.py), and applied through isa_set_cap() when the library is loaded.
+Isa g_cap = Isa::Avx512;
 
 }  // namespace
 

@@ -17,8 +17,8 @@ const CpuFeatures& cpu_features();
 
 // The best level this CPU and this build support.
 Isa isa_available();
-// The level kernels use: isa_available(), capped by the OMNI_EDGE_ISA environment variable
-// (scalar | neon | avx2 | avx512) or by isa_set_cap(). Used by tests to exercise every path.
+// The level kernels use: isa_available(), capped by isa_set_cap() (the Python runtime applies its
+// OMNI_EDGE_ISA switch through it when the library loads; tests use it to exercise every path).
 Isa isa_active();
 void isa_set_cap(Isa cap);
 const char* isa_name(Isa isa);

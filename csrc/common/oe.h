@@ -16,6 +16,7 @@ typedef enum oe_status {
   OE_ERR_OUT_OF_RANGE = 2,  // user data (a code, an index, a length) is outside its allowed range
   OE_ERR_UNSUPPORTED = 3,   // valid request this build or device cannot serve
   OE_ERR_CUDA = 4,          // a CUDA runtime call failed
+  OE_ERR_NO_MEMORY = 5,     // a host allocation failed
 } oe_status;
 
 // Element types of activations and outputs. Values are part of the ABI.

@@ -5,7 +5,7 @@
 // built once when the KV cache is allocated: per-layer pointers and sizes, validated then, plus a scratch
 // workspace, so a step allocates nothing and checks only the position.
 //
-// One layer (Qwen2 / Llama semantics, the same kernels as the Python path; MODEL.md §1.5):
+// One layer (Qwen2 / Llama semantics, the same kernels as the Python path; docs/MODEL.md §1.5):
 //   x = rms_norm(h, input_layernorm)                        fp32 math, then cast to the activation dtype, times w
 //   q, k, v = W_pack(x) split [Hq*D | Hkv*D | Hkv*D]        or q_proj / k_proj / v_proj (each with its bias)
 //   q, k = rope(q), rope(k) at position `pos`               rotate-half, cos/sin rows of the Backbone's tables

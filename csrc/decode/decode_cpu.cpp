@@ -209,7 +209,7 @@ extern "C" oe_status oe_decode_plan_create(const oe_decode_config* cfg, const oe
     if ((st = check_linear(L.down, i, "down_proj", C, I, &ws)) != OE_OK) return st;
   }
   oe_decode_plan* p = new (std::nothrow) oe_decode_plan();
-  OE_CHECK(p != nullptr, OE_ERR_INVALID_ARG, "decode plan: out of memory");
+  OE_CHECK(p != nullptr, OE_ERR_NO_MEMORY, "decode plan: out of memory");
   try {
     p->cfg = c;
     p->layers.assign(layers, layers + n_layers);
@@ -218,7 +218,8 @@ extern "C" oe_status oe_decode_plan_create(const oe_decode_config* cfg, const oe
     p->q4_ws.assign(ws > 0 ? ws : 64, 0);
   } catch (const std::bad_alloc&) {
     delete p;
-    return fail(OE_ERR_INVALID_ARG, "decode plan: out of memory for the scratch workspace");
+    return fail(OE_ERR_NO_MEMORY, "decode plan: out of memory for the scratch workspace (%lld floats + %lld bytes)",
+                (long long)(3 * C + qs + 2 * kvs + qs + 2 * I), (long long)(ws > 0 ? ws : 64));
   }
   float* s = p->scratch.data();
   p->h = s;

@@ -1,11 +1,11 @@
 """Which path an op takes: the native kernel or its torch reference.
 
-CPU kernels are used whenever the extension is built (set OMNI_EDGE_NATIVE=0 to force the torch
-references everywhere). CUDA kernels may meet their first GPU on a user's machine, so on first use per
+CPU kernels are used whenever the extension is built (OMNI_EDGE_NATIVE=0, or knobs.set("native", False),
+forces the torch references everywhere; see omni_edge/knobs.py). CUDA kernels may meet their first GPU on a user's machine, so on first use per
 device each family's `self_check(device)` (defined in `omni_edge.ops.<family>`) runs its native kernels
 against the torch references on small random inputs. A family that disagrees is switched off for that GPU
 with one warning and the torch path is used. Results are cached per GPU model and package version in
-`$OMNI_EDGE_CACHE` (default `~/.cache/omni_edge`)/selfcheck.json.
+`<cache folder>/selfcheck.json` (knobs: OMNI_EDGE_CACHE, default `~/.cache/omni_edge`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import torch
 
 from omni_edge import __version__
-from omni_edge import _native
+from omni_edge import _native, knobs
 
 FAMILIES = ("q4", "attention", "rvq")
 
@@ -30,7 +30,7 @@ _results: Dict[str, Dict[str, dict]] = {}  # gpu key -> family -> {"ok": bool, "
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("OMNI_EDGE_CACHE", Path.home() / ".cache" / "omni_edge"))
+    return knobs.settings().cache_dir
 
 
 def _cache_file() -> Path:
@@ -64,7 +64,7 @@ def _store_cache(key: str, result: Dict[str, dict]) -> None:
 
 
 def native_requested() -> bool:
-    return os.environ.get("OMNI_EDGE_NATIVE", "1") != "0" and _native.available()
+    return knobs.settings().native and _native.available()
 
 
 def run_self_check(device: torch.device, families=FAMILIES) -> Dict[str, dict]:
@@ -141,6 +141,10 @@ class force_native:
 
 
 def reset(device: Optional[torch.device] = None) -> None:
-    """Forget in-process results (tests use it)."""
+    """Forget in-process self-check results: of `device`'s GPU model only, or of every GPU (None)."""
     with _lock:
-        _results.clear()
+        if device is None or torch.device(device).type != "cuda":
+            if device is None:
+                _results.clear()
+            return
+        _results.pop(gpu_key(torch.device(device)), None)

@@ -44,7 +44,17 @@ from omni_edge.ops import _check, _dispatch
 
 
 def _scale(scale: Optional[float], d: int) -> float:
-    return 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def _check_dims(name: str, shape, heads: int, d: int) -> None:
+    """At least one head and head_dim >= 1 (0 would divide by zero in the GQA ratio and the default scale)."""
+    if heads < 1 or d < 1:
+        raise ValueError(f"{name}: expected at least 1 head and head_dim >= 1, got shape {tuple(shape)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -54,6 +64,8 @@ def _scale(scale: Optional[float], d: int) -> float:
 def _attend_ref(q, k, v, mask, scale):
     """q (Hq, T, D), k/v (Hkv, S, D), mask (T, S) bool (True = attend) -> (Hq, T, D) fp32."""
     hq, hkv = q.shape[0], k.shape[0]
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"k: {hkv} kv heads for {hq} query heads (expected >= 1, dividing the query heads)")
     rep = hq // hkv
     k = k.float().repeat_interleave(rep, dim=0)
     v = v.float().repeat_interleave(rep, dim=0)
@@ -119,6 +131,8 @@ def _native(device: torch.device, d: int) -> bool:
 def _check_cache(q, k_cache, v_cache, hq: int, d: int):
     _check.tensor("k_cache", k_cache, dtype=q.dtype, ndim=4)
     b, hkv, s, dk = k_cache.shape
+    _check_dims("q", q.shape, hq, d)
+    _check_dims("k_cache", k_cache.shape, hkv, dk)
     if dk != d:
         raise ValueError(f"k_cache: head_dim {dk} does not match q's head_dim {d}")
     _check.tensor("v_cache", v_cache, dtype=q.dtype, shape=(b, hkv, s, d))
@@ -147,6 +161,7 @@ def _check_lengths(lengths, b: int, s: int, device) -> torch.Tensor:
 def write_kv(k_cache, v_cache, k, v, start: int) -> None:
     _check.tensor("k", k, dtype=_check.FLOAT_DTYPES, ndim=4, contiguous=False)
     b, t, hkv, d = k.shape
+    _check_dims("k", k.shape, hkv, d)
     _check.tensor("v", v, dtype=k.dtype, shape=(b, t, hkv, d), contiguous=False)
     _check.tensor("k_cache", k_cache, dtype=k.dtype, ndim=4)
     _check.tensor("v_cache", v_cache, dtype=k.dtype, shape=tuple(k_cache.shape))
@@ -219,6 +234,7 @@ def decode(q, k_cache, v_cache, lengths, *, scale=None, num_splits: Optional[int
 def varlen(q, k, v, cu_seqlens, *, scale=None):
     _check.tensor("q", q, dtype=_check.FLOAT_DTYPES, ndim=3)
     n, h, d = q.shape
+    _check_dims("q", q.shape, h, d)
     _check.tensor("k", k, dtype=q.dtype, shape=(n, h, d))
     _check.tensor("v", v, dtype=q.dtype, shape=(n, h, d))
     _check.tensor("cu_seqlens", cu_seqlens, dtype=torch.int32, ndim=1)

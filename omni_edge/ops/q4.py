@@ -24,7 +24,7 @@ Which CPU path `matmul` takes (csrc/q4/q4.h states each path's contract):
   integer dot products (AVX-512 VNNI). Error bound per output: sum_k |W[k, n]| * d_block(k) / 2.
 - EXACT: fp32 activations times the exactly dequantized weights, fp32 accumulation (matches the fp32
   matmul of `dequantize()` to ~1e-6 relative). Select it with the environment variable
-  OMNI_EDGE_Q4_EXACT=1 (read at import), `set_exact(True)`, `with exact_mode():`, or per call with
+  OMNI_EDGE_Q4_EXACT=1 (read once, omni_edge/knobs.py), `set_exact(True)`, `with exact_mode():`, or per call with
   `matmul(..., exact=True)`. Parity tests that compare a 4-bit model with its dequantized dense twin to
   ~1e-5 need the EXACT path; the INT8 path is within the bound above.
 CUDA kernels always compute the EXACT contract (fp32 accumulation); the setting does not apply there.
@@ -33,13 +33,13 @@ CUDA kernels always compute the EXACT contract (fp32 accumulation); the setting 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import threading
 from typing import Optional, Tuple
 
 import torch
 
+from omni_edge import knobs
 from omni_edge.ops import _check, _dispatch
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
@@ -52,28 +52,21 @@ NIBBLE_ROW = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble j of a tiled word holds row NIBB
 
 MODE_EXACT, MODE_INT8 = 0, 1
 
-_exact_default = os.environ.get("OMNI_EDGE_Q4_EXACT", "0") == "1"
-
-
 def set_exact(flag: bool) -> None:
-    """Make `matmul` use the EXACT fp32 CPU path (True) or the INT8-activation fast path (False) by default."""
-    global _exact_default
-    _exact_default = bool(flag)
+    """Make `matmul` use the EXACT fp32 CPU path (True) or the INT8-activation fast path (False) by default
+    (the knob OMNI_EDGE_Q4_EXACT, omni_edge/knobs.py)."""
+    knobs.set("q4_exact", bool(flag))
 
 
 def exact_default() -> bool:
-    return _exact_default
+    return knobs.settings().q4_exact
 
 
 @contextlib.contextmanager
 def exact_mode(flag: bool = True):
     """`with q4.exact_mode():` runs the enclosed CPU matmuls on the EXACT path (process-wide setting)."""
-    prev = _exact_default
-    set_exact(flag)
-    try:
+    with knobs.override(q4_exact=bool(flag)):
         yield
-    finally:
-        set_exact(prev)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,11 +302,16 @@ class QWeight:
 
     def __init__(self, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
                  group_size: int, sym: bool, bias: Optional[torch.Tensor] = None):
+        _check.tensor("q", q, dtype=_CODE_DTYPES, ndim=2, contiguous=False)
         k, n = q.shape
-        if n % 8:
-            raise ValueError(f"q: N must be a multiple of 8, got N={n}")
+        if k == 0 or n == 0 or n % 8:
+            raise ValueError(f"q: expected a non-empty (K, N) tensor with N a multiple of 8, got {tuple(q.shape)}")
+        _check.tensor("scales", scales, dtype=_check.FLOAT_DTYPES, ndim=2, contiguous=False)
         groups = scales.shape[0]
-        _check.tensor("zeros", zeros, shape=(groups, n), contiguous=False)
+        _check.tensor("zeros", zeros, dtype=_CODE_DTYPES, shape=(groups, n), contiguous=False)
+        _check_codes("q", q)
+        _check_codes("zeros", zeros)
+        _check_group_size(group_size, k)
         _check.tensor("scales", scales, dtype=_check.FLOAT_DTYPES, shape=(groups, n), contiguous=False)
         _check.tensor("g_idx", g_idx, dtype=(torch.int32, torch.int64), shape=(k,), contiguous=False)
         _check_g_idx(g_idx, groups)
@@ -424,7 +422,7 @@ class QWeight:
             raise ValueError(f"qweight: expected a non-empty (K/8, N) tensor, got shape {tuple(qweight.shape)}")
         if group_size in (-1, 0, None):
             group_size = k
-        _check.positive("group_size", int(group_size))
+        _check_group_size(group_size, k)
         groups = -(-k // group_size)
         if n % 8:
             raise ValueError(f"qweight: N must be a multiple of 8, got N={n}")
@@ -465,6 +463,22 @@ class QWeight:
         return w
 
 
+_CODE_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_codes(name: str, t: torch.Tensor) -> None:
+    """4-bit codes and zero points must lie in [0, 15] (they are packed into nibbles)."""
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > 15):
+        raise ValueError(f"{name}: 4-bit values must lie in [0, 15], got [{int(t.min())}, {int(t.max())}]")
+
+
+def _check_group_size(group_size, k: int) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size < 2**31:
+        raise ValueError(f"group_size: expected an integer in [1, 2^31) (or -1 for one group), got {group_size!r}")
+    if k >= 2**31:
+        raise ValueError(f"in_features: K={k} must be < 2^31")
+
+
 def _check_g_idx(g_idx: torch.Tensor, groups: int) -> None:
     if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
         raise ValueError(f"g_idx: values must lie in [0, {groups}), got [{int(g_idx.min())}, {int(g_idx.max())}]")
@@ -478,8 +492,11 @@ def quantize_rtn(weight: torch.Tensor, group_size: int = 128, *, sym: bool = Tru
     quantize/FORMAT.md)."""
     _check.tensor("weight", weight, dtype=_check.FLOAT_DTYPES, ndim=2, contiguous=False)
     n, k = weight.shape
+    if n == 0 or k == 0:
+        raise ValueError(f"weight: expected a non-empty (N, K) tensor, got shape {tuple(weight.shape)}")
     if group_size in (-1, 0, None):
         group_size = k
+    _check_group_size(group_size, k)
     if k % group_size:
         raise ValueError(f"group_size: K={k} must be a multiple of group_size={group_size}")
     w = weight.float().t().reshape(k // group_size, group_size, n)  # (G, g, N)
@@ -512,8 +529,8 @@ def qweight_rtn(weight: torch.Tensor, group_size: int = 128, *, sym: bool = True
     """Dense Linear weight (N, K) -> QWeight by round-to-nearest (the `--quant rtn4` path)."""
     q, zeros, scales, g_idx = quantize_rtn(weight, group_size, sym=sym)
     n, k = weight.shape
-    return QWeight(q=q, zeros=zeros, scales=scales, g_idx=g_idx, group_size=group_size if group_size > 0 else k,
-                   sym=sym, bias=bias)
+    return QWeight(q=q, zeros=zeros, scales=scales, g_idx=g_idx,
+                   group_size=group_size if group_size not in (-1, 0, None) else k, sym=sym, bias=bias)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -586,7 +603,7 @@ def matmul(x: torch.Tensor, w: QWeight, *, exact: Optional[bool] = None,
         return y
     dt = _check.DTYPE_CODE[x.dtype]
     if x.device.type == "cpu":
-        mode = MODE_EXACT if (_exact_default if exact is None else exact) else MODE_INT8
+        mode = MODE_EXACT if (knobs.settings().q4_exact if exact is None else exact) else MODE_INT8
         nbytes = lib.q4_cpu_workspace_bytes(m, w.padded_in_features, mode)
         ws = _cpu_workspace(nbytes)
         lib.q4_matmul_cpu(w._handle, x.data_ptr(), dt, m, y.data_ptr(), mode, ws.data_ptr(), ws.numel())

@@ -1,4 +1,4 @@
-"""Residual vector quantisation: the audio tokenizer's 8-layer RVQ (MODEL.md 1.4 encode, 1.7 decode).
+"""Residual vector quantisation: the audio tokenizer's 8-layer RVQ (docs/MODEL.md §1.4 encode, §1.7 decode).
 
 Codebooks are a list of L tensors, layer l of shape (n_l, D), all one dtype (fp32, bf16 or fp16) on one
 device; Baichuan-Omni-1.5 has L = 8 fp32 codebooks of 8192, 4096, 2048, 1024 x 5 rows and D = 5120
@@ -10,7 +10,7 @@ every op accepts either the list or a `Codebooks`.
   layer order in fp32. codes (T, L) int64 or int32. A code outside [0, n_l) raises ValueError naming it
   before any codebook row is read (the kernels check again themselves).
 - `encode(x, codebooks) -> codes` (T, L) **int64**: greedy residual nearest neighbour in fp32. x (T, D)
-  fp32 / bf16 / fp16 (converted to fp32). r = x; at each layer the code is the argmin over rows i of
+  fp32 / bf16 / fp16 (converted to fp32), finite with |x| <= MAX_ENCODE_ABS (1e9), else ValueError. r = x; at each layer the code is the argmin over rows i of
   sum_d (r_d - c_{i,d})^2, evaluated in float64 from the fp32 values (exact up to ~D * 2^-53 relative, far
   finer than fp32 resolution) with ties to the lowest index as torch.argmin; then r = r - c_code in fp32.
   The native kernels screen all rows with the fp32 expanded form ||c||^2 - 2 r.c and a rigorous bound on
@@ -25,6 +25,7 @@ kernels with them.
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -35,6 +36,9 @@ from omni_edge.ops import _check, _dispatch
 MAX_LAYERS = 16  # csrc/rvq/rvq.h OE_RVQ_MAX_LAYERS
 CODES_DTYPE = torch.int64  # what encode returns
 _CODE_DTYPES = (torch.int64, torch.int32)
+# Largest |x| encode accepts. Far above any bridge activation (O(1..100)); below it the native kernels'
+# tie-breaking matches encode_ref exactly, while at ~1e15 the fp32 residual arithmetic no longer can.
+MAX_ENCODE_ABS = 1e9
 _REF_CHUNK_ELEMS = 1 << 24  # fp64 elements per distance chunk in encode_ref (128 MiB)
 
 
@@ -158,9 +162,9 @@ def decode(codes: torch.Tensor, codebooks) -> torch.Tensor:
     is64 = codes.dtype == torch.int64
     lib = _native_lib()
     if books.device.type == "cuda":
-        flag = torch.zeros(1, dtype=torch.int32, device=books.device)
+        # no device error flag (0): the codes were range-checked above, and reading a flag would sync the host
         with torch.cuda.device(books.device):
-            lib.rvq_decode_cuda(codes.data_ptr(), is64, t, ptrs, sizes, dim, dt, out.data_ptr(), flag.data_ptr(),
+            lib.rvq_decode_cuda(codes.data_ptr(), is64, t, ptrs, sizes, dim, dt, out.data_ptr(), 0,
                                 _check.cuda_stream(books.device))
     else:
         lib.rvq_decode_cpu(codes.data_ptr(), is64, t, ptrs, sizes, dim, dt, out.data_ptr())
@@ -174,8 +178,11 @@ def encode(x: torch.Tensor, codebooks) -> torch.Tensor:
     if x.shape[1] != books.dim:
         raise ValueError(f"x: expected shape (*, {books.dim}) (the codebook dim), got {tuple(x.shape)}")
     x = x.float().contiguous()
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError("x: contains NaN or infinite values")
+    if x.numel():
+        amax = float(x.abs().max())  # NaN propagates through max
+        if not amax <= MAX_ENCODE_ABS:
+            what = "NaN or infinite values" if not math.isfinite(amax) else f"a value of magnitude {amax:.3g}"
+            raise ValueError(f"x: contains {what}; encode takes finite inputs with |x| <= {MAX_ENCODE_ABS:g}")
     books.check_finite()
     if not _dispatch.native_enabled("rvq", books.device):
         return encode_ref(x, books)
