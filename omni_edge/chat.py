@@ -74,6 +74,8 @@ def _defaults_line(model: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from omni_edge import cli_args
+
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = INTERACTIVE_HELP + "\n" + SAMPLING_HELP
     p.add_argument("--model", metavar="PATH", action=_ModelAction, help="checkpoint folder or edge bundle")
@@ -115,34 +117,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocoder", metavar="PATH",
                    help="the HiFT vocoder for --speak (hift.pt or vocoder.safetensors; default: the one in the "
                         "model folder)")
-    p.add_argument("--first-audio-frames", type=int, default=10, metavar="N",
+    p.add_argument("--first-audio-frames", type=cli_args.int_range(1, 500), default=10, metavar="N",
                    help="with --speak: decode a clause's first audio after N frames of 80 ms (default 10)")
     p.add_argument("--backend", action="append", default=None, metavar="SPEC",
                    help="how the dense media stages run: auto (ONNX graph when the bundle has one and onnxruntime "
                         "imports, else torch), torch, onnx, or STAGE=KIND for one stage (e.g. vision=onnx); "
                         "repeatable, later values win (default auto)")
     p.add_argument("--system", metavar="TEXT", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, metavar="N",
+    p.add_argument("--max-new-tokens", type=cli_args.int_range(1, 1 << 20), metavar="N",
                    help="longest reply in tokens (default: the model's generation_config.json, else 1024)")
-    p.add_argument("--temperature", type=float, metavar="T",
+    p.add_argument("--temperature", type=cli_args.finite_float(min=0.0), metavar="T",
                    help="sampling temperature; 0 = greedy, plain argmax unless --repetition-penalty is also "
                         "given (default: the model's generation config; see 'sampling defaults' below)")
-    p.add_argument("--top-k", type=int, metavar="K",
+    p.add_argument("--top-k", type=cli_args.int_range(0, 1 << 31), metavar="K",
                    help="keep the K likeliest tokens; 0 = off (default: the model's generation config)")
-    p.add_argument("--top-p", type=float, metavar="P",
+    p.add_argument("--top-p", type=cli_args.finite_float(min=0.0, max=1.0), metavar="P",
                    help="nucleus sampling mass; 1 = off (default: the model's generation config)")
-    p.add_argument("--repetition-penalty", type=float, metavar="R",
+    p.add_argument("--repetition-penalty", type=cli_args.finite_float(min=0.0), metavar="R",
                    help="penalty on tokens already in the context; 1 = off (default: the model's generation "
                         "config, else none)")
-    p.add_argument("--seed", type=int, metavar="S", help="random seed, for reproducible sampling")
-    p.add_argument("--device", default="cpu", metavar="DEV", help="cpu or cuda (cuda:N for another GPU); default cpu")
+    p.add_argument("--seed", type=cli_args.seed, metavar="S", help="random seed, for reproducible sampling")
+    p.add_argument("--device", default="cpu", type=cli_args.device, metavar="DEV", help="cpu or cuda (cuda:N for another GPU); default cpu")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="activation / dense weight dtype (default: the backbone's choice for the device)")
     p.add_argument("--quant", choices=("none", "rtn4"), default="none",
                    help="rtn4: quantise dense backbone linears to 4-bit at load (round-to-nearest)")
-    p.add_argument("--max-context", type=int, metavar="N",
+    p.add_argument("--max-context", type=cli_args.int_range(2, 1 << 24), metavar="N",
                    help="KV cache size in tokens (default 4096, capped by the model's max positions)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=cli_args.threads, metavar="N",
+                   help=f"CPU threads, 1..{cli_args.cpu_count()} (default: all cores)")
     p.add_argument("--stats", action="store_true",
                    help="print token counts, prefill/decode speed and peak memory to stderr after each reply")
 
@@ -476,8 +479,6 @@ def run(args) -> int:
         raise CliError("--play plays spoken replies: give --speak OUT.wav too")
     if args.json and args.speak:
         raise CliError("--json describes text replies; drop it with --speak")
-    if args.first_audio_frames < 1:
-        raise CliError(f"--first-audio-frames must be >= 1, got {args.first_audio_frames}")
     try:
         model = pipeline.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
                               max_context=args.max_context, threads=args.threads, backend=args.backend,
