@@ -785,3 +785,16 @@ def test_omni_config_corpus(case):
 def _ids_for_tiny():
     from omni_edge.testing import _tokenizer_json, special_token_ids
     return special_token_ids(_tokenizer_json("bytelevel"))
+
+
+def test_finite_check_is_exact_where_the_quick_sum_overflows():
+    """The quick check is one fp32 sum; a sum that overflows on finite values must not be taken for corruption,
+    and a NaN or Inf must be found (and its position named) in any dtype."""
+    from omni_edge.checkpoint import check_finite
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        big = torch.full((1000,), float(torch.finfo(dtype).max) / 2, dtype=dtype)
+        check_finite("big", big)  # finite values whose sum overflows: accepted
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            t = big.clone()
+            t[617] = bad
+            _one_line_error(lambda: check_finite("w", t), "tensor w", "flat index 617")
