@@ -22,6 +22,7 @@ standard GPTQ layout (`<prefix>.qweight` int32 (in/8, out), `.qzeros` int32 (G, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -620,8 +621,14 @@ class Checkpoint:
 
 
 def check_finite(name: str, t, *, where: str = "") -> None:
-    """ValueError naming tensor `name` when it holds NaN or Inf (checked in slices: no full-size temporary)."""
+    """ValueError naming tensor `name` when it holds NaN or Inf.
+
+    One fp32 sum decides the common case without a temporary (any NaN or Inf makes the sum NaN or Inf); only a
+    non-finite sum, which an overflow of large finite values can also cause, is followed by the exact search in
+    slices that finds (and names) the first bad element."""
     import torch
+    if t.numel() == 0 or math.isfinite(float(t.sum(dtype=torch.float32))):
+        return
     flat = t.reshape(-1)
     step = 1 << 24
     for i in range(0, flat.numel(), step):

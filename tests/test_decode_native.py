@@ -215,6 +215,23 @@ def test_plan_validation_errors():
         lib.DecodePlan(**{**args, "kv_heads": 3}, layers=[layer], keepalive=None)
 
 
+def test_plan_out_of_memory_is_a_memory_error():
+    """A scratch workspace that cannot be allocated is reported as memory, not as a bad argument (the weights are
+    not read when a plan is built, so a fake shape is enough)."""
+    lib = _native.lib()
+    c, n_heads, kvh, d, s, inter = 16, 2, 1, 8, 4, 2**40
+    f = lambda *shape: torch.zeros(*shape)
+    norm, cos, sin, kc, vc, w = f(c), f(s, d), f(s, d), f(1, kvh, s, d), f(1, kvh, s, d), f(8)
+    dense = lambda n, k: (1, w.data_ptr(), 0, n, k)
+    lins = [dense((n_heads + 2 * kvh) * d, c), dense(c, n_heads * d), dense(inter, c), dense(inter, c),
+            dense(c, inter)]
+    with pytest.raises(MemoryError, match="decode plan: out of memory for the scratch workspace"):
+        lib.DecodePlan(hidden=c, heads=n_heads, kv_heads=kvh, head_dim=d, intermediate=inter, max_len=s, eps=1e-6,
+                       packed=True, cos=cos.data_ptr(), sin=sin.data_ptr(), final_norm=norm.data_ptr(),
+                       layers=[(norm.data_ptr(), norm.data_ptr(), lins, kc.data_ptr(), vc.data_ptr())],
+                       keepalive=None)
+
+
 GEMV_SHAPES = [(1, 1), (3, 5), (4, 16), (7, 17), (9, 31), (33, 100), (129, 577), (576, 576), (100, 1536)]
 
 

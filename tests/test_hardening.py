@@ -785,3 +785,47 @@ def test_omni_config_corpus(case):
 def _ids_for_tiny():
     from omni_edge.testing import _tokenizer_json, special_token_ids
     return special_token_ids(_tokenizer_json("bytelevel"))
+
+
+def test_finite_check_is_exact_where_the_quick_sum_overflows():
+    """The quick check is one fp32 sum; a sum that overflows on finite values must not be taken for corruption,
+    and a NaN or Inf must be found (and its position named) in any dtype."""
+    from omni_edge.checkpoint import check_finite
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        big = torch.full((1000,), float(torch.finfo(dtype).max) / 2, dtype=dtype)
+        check_finite("big", big)  # finite values whose sum overflows: accepted
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            t = big.clone()
+            t[617] = bad
+            _one_line_error(lambda: check_finite("w", t), "tensor w", "flat index 617")
+
+
+def test_dispatch_reset_takes_its_device():
+    from omni_edge.ops import _dispatch
+    saved = dict(_dispatch._results)
+    try:
+        _dispatch._results["GPU X|sm_87|omni-edge 0"] = {"q4": {"ok": True, "error": ""}}
+        _dispatch.reset(torch.device("cpu"))  # no CPU results are kept: nothing of the GPUs' is forgotten
+        assert "GPU X|sm_87|omni-edge 0" in _dispatch._results
+        _dispatch.reset()
+        assert _dispatch._results == {}
+    finally:
+        _dispatch._results.update(saved)
+
+
+def test_plan_validity_belongs_to_its_backbone():
+    """Rebinding a layer of one backbone invalidates that backbone's decode plan only (no module-global epoch)."""
+    from omni_edge import backbone as backbone_mod
+    from omni_edge.backbone import Backbone
+    from omni_edge.config import BackboneConfig
+    from omni_edge.testing import backbone_tensors
+    assert not hasattr(backbone_mod, "_layer_epoch")
+    cfg = BackboneConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=8, intermediate_size=24, vocab_size=40, rope_theta=1e4, rms_norm_eps=1e-6,
+                         torch_dtype="float32").validate()
+    a = Backbone.from_tensors(cfg, backbone_tensors(cfg, seed=0))
+    b = Backbone.from_tensors(cfg, backbone_tensors(cfg, seed=1))
+    before_a, before_b = a._layers_version(), b._layers_version()
+    layer = a.layers[1]
+    layer.replace_linear("mlp.up_proj", layer.linear("mlp.up_proj"))
+    assert a._layers_version() != before_a and b._layers_version() == before_b
