@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -88,6 +89,13 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer folder {path} does not exist or is not a folder")
         config = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
         tj = path / "tokenizer.json"
+        if os.path.lexists(tj):
+            from omni_edge.safetensors_file import require_regular
+
+            try:
+                require_regular(tj, "tokenizer")
+            except (OSError, ValueError) as e:
+                raise TokenizerError(str(e)) from None
         if tj.is_file():
             try:
                 hf = _HFTokenizer.from_file(str(tj))

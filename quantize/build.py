@@ -56,6 +56,10 @@ TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
                "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
 
 
+VOCODER_FILE = "vocoder.safetensors"  # what the runtime looks for in a bundle (omni_edge.pipeline.VOCODER_FILES)
+VOCODER_SOURCES = ("hift.pt", "vocoder.safetensors")  # picked up from the source folder when --vocoder is absent
+
+
 @dataclass
 class QuantizeOptions:
     bits: int = 4
@@ -75,6 +79,7 @@ class QuantizeOptions:
     heldout_max_tokens: int = 512  # per held-out text
     checkpoint_format: Optional[str] = None  # "gptq" | "gptq_v2"; default: "gptq" if sym else "gptq_v2"
     progress: bool = True
+    vocoder: Optional[str] = None  # HiFT vocoder (hift.pt or .safetensors); default: one found in the source
 
     @property
     def format(self) -> str:
@@ -291,6 +296,14 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
         side = copy_side_files(src, tmp, skipped)
         for why in skipped:
             log(f"note: not copied into the bundle: {why}")
+        vocoder = opts.vocoder or next((str(src / n) for n in VOCODER_SOURCES if (src / n).is_file()), None)
+        if vocoder is not None and cfg.kind == "omni":
+            from omni_edge.vocoder import convert
+
+            convert(vocoder, tmp / VOCODER_FILE)  # checked, weight norm folded, safetensors (never a pickle)
+            modules["vocoder"] = {VOCODER_FILE}
+            stage_names["vocoder"] = []
+            log(f"vocoder: {vocoder} -> {VOCODER_FILE}")
         config = dict(cfg.raw)
         config["quantization_config"] = _quantization_config(opts, spec)
         if cfg.kind == "hf":  # every float tensor of the bundle is fp16
@@ -321,6 +334,8 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
             if stage == "backbone":
                 precision[stage] = (f"decoder linears: int{spec.bits} GPTQ ({opts.method}), group {spec.group_size}, "
                                     f"{'sym' if spec.sym else 'asym'}; embed_tokens, norms, biases: float16")
+            elif stage == "vocoder":
+                precision[stage] = "float32 (HiFT, weight norm folded)"
             elif stage in FP16_STAGES:
                 precision[stage] = "float16"
             else:

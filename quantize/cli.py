@@ -36,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for the calibration choice (default 0)")
     p.add_argument("--no-eval", dest="heldout", action="store_false",
                    help="skip the held-out perplexity of the source and quantized models")
+    p.add_argument("--vocoder", metavar="PATH",
+                   help="the HiFT vocoder for spoken replies (hift.pt from the Baichuan-Omni-1.5 repository, "
+                        "third_party/cosy24k_vocoder), checked and stored in the bundle as vocoder.safetensors "
+                        "(default: hift.pt or vocoder.safetensors in SRC, if there)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is an existing bundle")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -59,7 +63,7 @@ def run(args) -> int:
                            static_groups=args.static_groups, damp=args.damp, method=args.method, calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, seed=args.seed,
                            force=args.force, heldout=args.heldout, progress=not args.quiet,
-                           checkpoint_format=args.checkpoint_format)
+                           checkpoint_format=args.checkpoint_format, vocoder=args.vocoder)
 
     def on_term(signum, frame):  # a kill still removes the partial output (via KeyboardInterrupt cleanup)
         raise KeyboardInterrupt

@@ -20,7 +20,7 @@ from omni_edge.speak import SpeakParams
 from omni_edge.speech import decode_clause, wave_concat
 
 ENV = dict(os.environ, PYTHONIOENCODING="utf-8")
-BUDGET = 40  # positions of the reply (text tokens and audio frames): keeps the random tiny model's turn short
+BUDGET = 62  # positions of the reply (text tokens and audio frames): keeps the random tiny model's turn short
 
 
 def omni_edge(*args, stdin: str = ""):
