@@ -19,6 +19,8 @@ a frame mask and an additive key mask: the form the ONNX export uses.
 
 from __future__ import annotations
 
+import time
+
 import hashlib
 import math
 import os
@@ -377,11 +379,14 @@ class AudioEncoderStage(torch.nn.Module):
     @torch.inference_mode()
     def features(self, items: Sequence[AudioInput]) -> List[torch.Tensor]:
         """Bridge outputs per item, (n_tokens, pool * d) fp32, pieces in order."""
+        t0 = time.perf_counter()
         mels, owner = [], []
         for k, it in enumerate(items):
             for m in it.mels():
                 mels.append(m)
                 owner.append(k)
+        t1 = time.perf_counter()
+        self.timings = {"mel_s": t1 - t0}
         if not mels:
             return [torch.zeros(0, self.cfg.bridge_dim) for _ in items]
         if self._graph is not None:
@@ -390,6 +395,7 @@ class AudioEncoderStage(torch.nn.Module):
             dev, dt = self.device, self.dtype
             encs = self.encoder([m.to(device=dev, dtype=dt) for m in mels])
             outs = [self.bridge(e).float() for e in encs]
+        self.timings["encoder_s"] = time.perf_counter() - t1
         per = [[] for _ in items]
         for k, o in zip(owner, outs):
             per[k].append(o)
@@ -409,7 +415,10 @@ class AudioEncoderStage(torch.nn.Module):
         from omni_edge.ops import rvq
 
         feats = self.features(items)
-        return [rvq.encode(f.to(self.books.device), self.books) for f in feats]
+        t0 = time.perf_counter()
+        out = [rvq.encode(f.to(self.books.device), self.books) for f in feats]
+        self.timings["rvq_s"] = time.perf_counter() - t0
+        return out
 
 
 def piece_lengths_from_frames(frames: int) -> int:

@@ -157,9 +157,11 @@ def _peak_rss_mb() -> float:
     return kb / (1024.0 if sys.platform != "darwin" else 1024.0 * 1024.0)
 
 
-def stats_line(reply) -> str:
+def stats_line(reply, timings=None) -> str:
     media = "".join(f" {k}_tokens={reply.media_tokens[k]}" for k in sorted(reply.media_tokens))
     media += "".join(f" {k}_stage_s={reply.media_s[k]:.3f}" for k in sorted(reply.media_s))
+    if reply.media_s:  # a stage ran this turn: its parts (front end, encoder, RVQ ...)
+        media += "".join(f" {k}={v:.3f}" for k, v in sorted((timings or {}).items()))
     return (f"stats: prompt_tokens={reply.prompt_tokens} new_tokens={reply.new_tokens}{media} "
             f"prefill_tok_s={reply.prefill_tok_s:.1f} decode_tok_s={reply.decode_tok_s:.1f} "
             f"peak_rss_mb={_peak_rss_mb():.0f}")
@@ -268,9 +270,15 @@ def message_content(model, text: str, media) -> object:
     then the text. `media` is [(kind, path)]; each file is read and checked here (ValueError naming it)."""
     if not media:
         return text
+    import time
+
     parts = []
+    model.timings.clear()
     for kind, path in media:
+        t0 = time.perf_counter()
         parts.append({"type": kind, kind: model.load_media(kind, path)})
+        key = f"{kind}_load_s"  # decoding, resampling / resizing: the front end before the stage
+        model.timings[key] = model.timings.get(key, 0.0) + time.perf_counter() - t0
     if text:
         parts.append({"type": "text", "text": text})
     return parts
@@ -391,7 +399,8 @@ def interactive(session, params, read_line: Callable[[str], Optional[str]], out:
         if speech is not None:
             err.write(f"(speech: {reply.audio_path}, {reply.audio_seconds:.1f} s)\n")
         if stats:
-            err.write((speech_stats_line(reply) if speech is not None else stats_line(reply)) + "\n")
+            err.write((speech_stats_line(reply) if speech is not None
+                       else stats_line(reply, model.timings if model is not None else None)) + "\n")
 
 
 def _stdin_reader(interactive_tty: bool) -> Callable[[str], Optional[str]]:
@@ -530,7 +539,8 @@ def run(args) -> int:
         if speech is not None:
             sys.stderr.write(f"omni-edge: speech written to {reply.audio_path} ({reply.audio_seconds:.1f} s)\n")
         if args.stats:
-            sys.stderr.write((speech_stats_line(reply) if speech is not None else stats_line(reply)) + "\n")
+            sys.stderr.write((speech_stats_line(reply) if speech is not None else stats_line(reply, model.timings))
+                             + "\n")
         return 0
 
     tty = sys.stdin.isatty()

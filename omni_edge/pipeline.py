@@ -73,6 +73,7 @@ class TextModel:
     threads: Optional[int] = None
     vocoder_path: Optional[str] = None  # the HiFT vocoder file (--vocoder, or found in the model folder)
     _stages: Dict[str, object] = field(default_factory=dict, repr=False)
+    timings: Dict[str, float] = field(default_factory=dict, repr=False)  # stage parts of the last media call
     sampling_defaults: object = None  # omni_edge.sampling_defaults.SamplingDefaults (generation_config.json)
 
     @property
@@ -231,9 +232,11 @@ class TextModel:
                 out[i] = r.to(self.backbone.dtype)
         audio = [i for i, sp in enumerate(spans) if sp.kind == "audio"]
         if audio:
-            codes = self.stage("audio_encoder").codes([spans[i].item for i in audio])
+            stage = self.stage("audio_encoder")
+            codes = stage.codes([spans[i].item for i in audio])
             for i, c in zip(audio, codes):
                 out[i] = self.audio_rows(c)
+            self.timings.update({f"audio_{k}": v for k, v in getattr(stage, "timings", {}).items()})
         for i, sp in enumerate(spans):
             if sp.kind == "audiogen":
                 out[i] = self.audio_rows(sp.item)
