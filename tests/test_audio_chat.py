@@ -80,6 +80,8 @@ def test_spoken_question_equals_the_torch_reference(tiny_omni, model, question):
     assert r.returncode == 0, r.stderr
     assert r.stdout == want + "\n"
     assert "audio_tokens=21" in r.stderr and "audio_stage_s=" in r.stderr
+    for part in ("audio_load_s=", "audio_mel_s=", "audio_encoder_s=", "audio_rvq_s="):
+        assert part in r.stderr, r.stderr
 
 
 def test_audio_then_text_in_one_message(tiny_omni, model, question):
