@@ -20,6 +20,7 @@ GPTQ checkpoint that transformers + GPTQModel read. A Baichuan-Omni source gives
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 
 from omni_edge import __version__
 from omni_edge import bundle as bundle_mod
+from omni_edge.backbone import decoder_in_features, model_group_size
 from omni_edge.checkpoint import INDEX_FILE, Checkpoint, Linear as LinearSpec, stage_specs, stages_of
 
 from .bundle_writer import (AtomicDir, SafetensorsWriter, copy_side_files, file_entry, source_fingerprint,
@@ -65,7 +67,7 @@ class QuantizeOptions:
     damp: float = 0.01
     method: str = "gptq"  # "gptq" | "rtn"
     calib: Optional[str] = None  # JSON-lines file; None = the built-in set
-    nsamples: int = 128
+    nsamples: Optional[int] = None  # None: the calibration set's default (calibration.DEFAULT_NSAMPLES)
     seqlen: int = 512
     device: str = "cpu"
     seed: int = 0
@@ -110,9 +112,7 @@ def _check_shapes(ckpt: Checkpoint, spec: QuantSpec) -> None:
             raise ValueError(f"{s.prefix}: the GPTQ layout needs in/out features that are multiples of 8, "
                              f"got out={n}, in={k}")
         if spec.group_size != -1 and k % spec.group_size:
-            fits = [g for g in (128, 64, 32) if k % g == 0]
-            raise ValueError(f"--group-size {spec.group_size} does not divide the input size K={k} of {s.prefix}"
-                             f"; use {' or '.join(map(str, fits)) if fits else '-1 (per-channel)'}")
+            raise ValueError(f"group_size {spec.group_size} does not divide the input size K={k} of {s.prefix}")
     if cfg.num_hidden_layers < 1:
         raise ValueError("the checkpoint has no decoder layers")
 
@@ -229,7 +229,6 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
         raise ValueError(f"--checkpoint-format must be gptq or gptq_v2, got {opts.format!r}")
     if opts.method not in ("gptq", "rtn"):
         raise ValueError(f"--method must be gptq or rtn, got {opts.method!r}")
-    spec = opts.spec()
     _check_paths(src, out)
     target = AtomicDir(out, force=opts.force)
     target.check_target()
@@ -243,6 +242,18 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
         raise ValueError(f"{src} is already quantized (it has GPTQ tensors / a quantization_config)")
     for stage in ("backbone", "lm_head"):
         ckpt.require(stage)
+    # One group size for the model (the GPTQ config records one): the asked one, or the largest that divides
+    # every decoder linear's K (the same rule as `--quant rtn4`), said in the log and the manifest.
+    asked_gs = opts.group_size
+    gs = model_group_size(decoder_in_features(cfg.backbone), asked_gs)
+    group_note = None
+    if gs != asked_gs:
+        group_note = (f"group size {asked_gs} does not divide every decoder input size K "
+                      f"({', '.join(map(str, decoder_in_features(cfg.backbone)))}); using "
+                      f"{gs if gs != -1 else 'per-channel (-1)'}, the largest that does")
+        log(f"note: {group_note}")
+        opts = dataclasses.replace(opts, group_size=gs)
+    spec = opts.spec()
     _check_shapes(ckpt, spec)
 
     tok = Tokenizer.from_dir(src)
@@ -330,7 +341,8 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
                                 "quantized": stage == "backbone"} for stage, fs in modules.items()},
             "files": file_table,
             "quantization": {
-                "method": opts.method, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
+                "method": opts.method, "bits": spec.bits, "group_size": spec.group_size,
+                "group_size_requested": asked_gs, "group_size_note": group_note, "sym": spec.sym,
                 "desc_act": spec.act_order, "static_groups": spec.uses_static_groups, "damp_percent": spec.damp,
                 "block_size": spec.block_size, "true_sequential": True, "checkpoint_format": opts.format,
                 "quantized": "every decoder-layer linear (q/k/v or W_pack, o_proj, gate_proj, up_proj, down_proj)",

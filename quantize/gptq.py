@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from omni_edge.ops import q4
+
 __all__ = ["QuantSpec", "QuantResult", "HessianAccumulator", "grid_params", "gptq_quantize", "rtn_quantize",
            "quantize_layer", "output_error"]
 
@@ -89,35 +91,14 @@ class QuantResult:
 # The grid
 # ------------------------------------------------------------------------------------------------
 
-_FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal); a scale that rounds to 0 in fp16 is lifted here
-
-
 def grid_params(wmin: torch.Tensor, wmax: torch.Tensor, *, bits: int = 4, sym: bool):
-    """Scale and zero point of the `bits`-bit grid for per-group minima/maxima (GPTQ's convention).
-
-    The range always contains 0. sym: scale = 2 * max(|min|, |max|) / maxq, zero = (maxq + 1) / 2.
-    asym: scale = (max - min) / maxq, zero = round(-min / scale). An all-zero group gets scale 1.
-    Scales are rounded to fp16 first, as stored. For bits=4 this equals omni_edge.ops.q4.grid_params."""
-    maxq = (1 << bits) - 1
-    wmin = torch.minimum(wmin.float(), torch.zeros_like(wmin, dtype=torch.float32))
-    wmax = torch.maximum(wmax.float(), torch.zeros_like(wmax, dtype=torch.float32))
-    if sym:
-        amax = torch.maximum(wmin.abs(), wmax)
-        scale = amax * 2 / maxq
-    else:
-        scale = (wmax - wmin) / maxq
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale).half().float()
-    scale = torch.where(scale == 0, torch.full_like(scale, _FP16_TINY), scale)
-    if sym:
-        zero = torch.full_like(scale, float((maxq + 1) // 2))
-    else:
-        zero = torch.clamp(torch.round(-wmin / scale), 0, maxq)
-    return scale, zero
+    """The grid of omni_edge.ops.q4.grid_params (the single implementation, shared with the runtime's RTN)."""
+    return q4.grid_params(wmin, wmax, sym=sym, bits=bits)
 
 
 def _quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
     """Codes and dequantized values of w on the grid (scale, zero); all three broadcast together."""
-    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    q = q4.quantize_codes(w, scale, zero, bits=maxq.bit_length())
     return q, scale * (q - zero)
 
 
