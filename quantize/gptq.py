@@ -45,6 +45,10 @@ class QuantSpec:
     static_groups: Optional[bool] = None
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block_size: int = 128  # columns per lazy-update block
+    # Where a non-static group's grid comes from: "current" = its columns' values as updated so far (every
+    # earlier column's error included); "block" = the values at the start of the lazy-update block (the
+    # reference GPTQ code and GPTQModel: earlier columns of the same block not yet applied).
+    group_stats: str = "current"
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4, 8):
@@ -55,6 +59,8 @@ class QuantSpec:
             raise ValueError(f"damp: expected a fraction in [0, 1), got {self.damp}")
         if self.block_size <= 0:
             raise ValueError(f"block_size: expected a positive size, got {self.block_size}")
+        if self.group_stats not in ("current", "block"):
+            raise ValueError(f"group_stats: expected 'current' or 'block', got {self.group_stats!r}")
 
     @property
     def maxq(self) -> int:
@@ -252,7 +258,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
                 g = col // gs
                 end = col + gs
                 cur = w1[:, i:min(count, i + gs)]
-                if end > i2:
+                if spec.group_stats == "block":
+                    cur = w[:, col:end]
+                elif end > i2:
                     rest = w[:, i2:end]
                     if i > 0:
                         rest = rest - err1[:, :i] @ hinv[i1:col, i2:end]

@@ -314,3 +314,21 @@ def test_rtn4_load_uses_the_same_rule_and_describe_records_the_grid(tmp_path):
     from omni_edge.checkpoint import Checkpoint
     bb = Backbone.from_checkpoint(Checkpoint.open(src), quant="rtn4", group_size=128)
     assert {lin.qweight.group_size for layer in bb.layers for lin in layer.linears.values()} == {64}
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_group_stats_block_and_current(act_order):
+    """'block' takes a group's grid from the values at the start of its lazy block: identical to 'current'
+    when every group starts a block (block_size = group_size), different otherwise, and both beat RTN."""
+    x, w, h = layer_case(k=128)
+    kw = dict(group_size=32, act_order=act_order, static_groups=False if act_order else None)
+    a = gptq_quantize(w, h, QuantSpec(block_size=32, group_stats="block", **kw))
+    b = gptq_quantize(w, h, QuantSpec(block_size=32, group_stats="current", **kw))
+    assert torch.equal(a.q, b.q) and torch.equal(a.scales, b.scales)
+    c = gptq_quantize(w, h, QuantSpec(block_size=128, group_stats="block", **kw))
+    d = gptq_quantize(w, h, QuantSpec(block_size=128, group_stats="current", **kw))
+    assert not torch.equal(c.scales, d.scales)
+    e_rtn = rel_err(x, w, rtn_quantize(w, QuantSpec(group_size=32)).weight)
+    assert max(rel_err(x, w, c.weight), rel_err(x, w, d.weight)) < 0.75 * e_rtn
+    with pytest.raises(ValueError, match="group_stats"):
+        QuantSpec(group_stats="fresh")
