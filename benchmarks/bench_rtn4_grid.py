@@ -26,7 +26,7 @@ import time
 import torch
 
 GRIDS = [(64, True), (64, False), (32, True), (32, False)]  # SmolLM2: group 128 falls back to 64
-SPEED_GRIDS = [(128, True), (128, False), (64, True), (64, False), (32, True), (32, False)]
+SPEED_GRIDS = [(128, True), (128, False), (64, False), (32, True), (32, False)]
 QUESTIONS = ["What is the capital of Japan?", "Which planet is the largest in our solar system?",
              "What is the capital of France?"]
 
@@ -44,7 +44,9 @@ def quality(args) -> None:
 
     src = smollm2_checkpoint()
     rows = []
-    for grid in [None] + GRIDS:
+    grids = [None] + GRIDS if not args.grids else [
+        None if g == "fp32" else (int(g.split("-g")[1]), g.startswith("sym")) for g in args.grids.split(",")]
+    for grid in grids:
         t0 = time.perf_counter()
         model = pipeline.load(src, dtype="float32", max_context=640)
         if grid is not None:
@@ -60,11 +62,11 @@ def quality(args) -> None:
         params = model.sampling_defaults.resolve(max_new_tokens=args.max_new_tokens).params()
         answers = [" ".join(model.session().send(q, params).text.split()) for q in QUESTIONS]
         rows.append((name, ppl, answers, time.perf_counter() - t0))
-        print(f"  done {name}", flush=True)
+        print(f"  {name}: ppl {ppl:.3f}; " + " | ".join(answers), flush=True)
     print(f"\nSmolLM2-135M-Instruct ({src}); held-out perplexity (built-in held-out texts) and greedy answers")
     print(f"{'grid':18s} {'ppl':>8s} {'vs fp32':>8s}")
     for name, ppl, _, _ in rows:
-        print(f"{name:18s} {ppl:8.3f} {100 * (ppl / rows[0][1] - 1):+7.1f}%")
+        print(f"{name:18s} {ppl:8.3f} " + (f"{100 * (ppl / rows[0][1] - 1):+7.1f}%" if rows[0][0] == "fp32" else ""))
     for i, q in enumerate(QUESTIONS):
         print(f"\nQ: {q}")
         for name, _, answers, _ in rows:
@@ -82,7 +84,7 @@ def speed(args) -> None:
         w0 = q4.qweight_rtn(torch.randn(n, k) * 0.02, gs, sym=sym)
         per_copy = w0.nbytes
         copies = max(1, int(args.rotate_gb * 2 ** 30 // per_copy))
-        ws = [w0] + [q4.qweight_rtn(torch.randn(n, k) * 0.02, gs, sym=sym) for _ in range(min(copies, 8) - 1)]
+        ws = [w0] + [q4.qweight_rtn(torch.randn(n, k) * 0.02, gs, sym=sym) for _ in range(min(copies, 4) - 1)]
         for w in ws:  # warm-up
             q4.matmul(x, w)
         times = []
@@ -105,9 +107,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=9)
-    ap.add_argument("--rotate-gb", type=float, default=0.6)
+    ap.add_argument("--rotate-gb", type=float, default=0.15)
     ap.add_argument("--shape", default="18944x3584", help="K x N (inputs x outputs) of the weight; default Qwen2.5-7B down_proj")
     ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--grids", help="comma list such as fp32,sym g64... written fp32,sym-g64,asym-g32 (default all)")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     args = ap.parse_args()
