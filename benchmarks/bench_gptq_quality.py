@@ -8,7 +8,10 @@ all together) and greedy answers to a few factual prompts, side by side, for:
   GPTQ           `omni-edge quantize` (this project's GPTQ)
   GPTQModel      GPTQModel 7.6.0's GPTQ with the same settings (bits, group, sym, act-order/static groups,
                  dampening, true-sequential, no MSE grid search, no act_group_aware) and the same calibration
-                 token ids; only when gptqmodel is importable
+                 token ids, run by --gptq-python (GPTQModel pins an older numpy: give it a venv made with
+                 --system-site-packages, as .ci/run does)
+
+Each quantizer runs in a process of its own, so its wall time and peak RSS are its own (printed).
 
 Every model is evaluated by the same code: omni_edge.pipeline.load (our runtime, q4 kernels) + the same
 perplexity routine, so the columns differ only in the weights. The q4 matmuls run on the EXACT path (fp32
@@ -83,16 +86,44 @@ def evaluate(path, heldout_texts, max_tokens, new_tokens):
     return out
 
 
-def run_gptqmodel(src, out, calib_samples, args):
-    import torch
-    from gptqmodel import GPTQModel, QuantizeConfig
+OURS_CHILD = """
+import json, resource, sys, time
+from omni_edge.quantize.build import QuantizeOptions, quantize_checkpoint
+a = json.loads(sys.argv[1])
+t = time.time()
+quantize_checkpoint(a["src"], a["out"], QuantizeOptions(**a["opts"]), log=lambda s: None)
+print("RESULT " + json.dumps({"seconds": time.time() - t,
+                             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
 
-    qc = QuantizeConfig(bits=4, group_size=args.group_size, sym=not args.asym, desc_act=args.act_order,
-                        static_groups=args.act_order, act_group_aware=False, damp_percent=args.damp,
-                        true_sequential=True, mse=0.0, format="gptq" if not args.asym else "gptq_v2")
-    model = GPTQModel.load(src, qc, device="cpu", dtype=torch.float32)
-    model.quantize([{"input_ids": s, "attention_mask": [1] * len(s)} for s in calib_samples], batch_size=1)
-    model.save(out)
+GPTQMODEL_CHILD = """
+import json, os, resource, sys, time
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+import torch
+from gptqmodel import GPTQModel, QuantizeConfig
+a = json.loads(sys.argv[1])
+t = time.time()
+qc = QuantizeConfig(bits=4, group_size=a["group_size"], sym=a["sym"], desc_act=a["act_order"],
+                    static_groups=a["act_order"] and a["static"], act_group_aware=False, damp_percent=a["damp"],
+                    true_sequential=True, mse=0.0, format="gptq" if a["sym"] else "gptq_v2")
+model = GPTQModel.load(a["src"], qc, device="cpu", dtype=torch.float32)
+model.quantize([{"input_ids": s, "attention_mask": [1] * len(s)} for s in a["samples"]], batch_size=1)
+model.save(a["out"])
+print("RESULT " + json.dumps({"seconds": time.time() - t,
+                             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def run_child(python, code, payload, threads):
+    """Run a quantizer in a fresh process (so its time and peak memory are its own); returns its RESULT dict."""
+    import subprocess
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads) if threads else os.environ.get("OMP_NUM_THREADS", ""))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p)
+    r = subprocess.run([python, "-c", code, json.dumps(payload)], capture_output=True, text=True, env=env)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"{python}: quantizer failed (exit {r.returncode}): {r.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def main(argv=None) -> int:
@@ -101,7 +132,13 @@ def main(argv=None) -> int:
     p.add_argument("--asym", action="store_true")
     p.add_argument("--act-order", action="store_true")
     p.add_argument("--damp", type=float, default=0.01)
-    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--nsamples", type=int, default=None, help="calibration texts (default: all 64 built-in)")
+    p.add_argument("--group-stats", choices=("current", "block"), default=None,
+                   help="our GPTQ's group statistics (default: QuantSpec's)")
+    p.add_argument("--no-static-groups", dest="static", action="store_false",
+                   help="with --act-order: groups in processing order on both sides")
+    p.add_argument("--gptq-python", default=os.environ.get("GPTQMODEL_PYTHON", sys.executable),
+                   help="python of an environment with gptqmodel==7.6.0 (default $GPTQMODEL_PYTHON, else this one)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout-tokens", type=int, default=512, help="tokens per held-out text at most")
@@ -141,37 +178,40 @@ def main(argv=None) -> int:
     rows = {}
     timings = {}
     rows["fp32"] = evaluate(src, heldout, args.heldout_tokens, args.new_tokens)
+    tok = Tokenizer.from_dir(src)
+    prompt = prompt_format(tok, "hf")
+    calib = build_calibration(lambda t: prompt.render([{"role": "user", "content": t}]), nsamples=args.nsamples,
+                              seqlen=args.seqlen, seed=args.seed)
     manifests = {}
     for method in ("rtn", "gptq"):
         out = os.path.join(work, method)
         shutil.rmtree(out, ignore_errors=True)
-        t = time.time()
-        manifests[method] = quantize_checkpoint(src, out, QuantizeOptions(
-            method=method, group_size=args.group_size, sym=sym, act_order=args.act_order, damp=args.damp,
-            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, heldout=False, progress=False),
-            log=lambda s: None)
-        timings[method] = time.time() - t
+        opts = dict(method=method, group_size=args.group_size, sym=sym, act_order=args.act_order,
+                    static_groups=None if args.static else False, damp=args.damp, nsamples=args.nsamples,
+                    seqlen=args.seqlen, seed=args.seed, heldout=False, progress=False)
+        if method == "gptq" and args.group_stats:
+            from omni_edge.quantize import build
+            assert "group_stats" in build.QuantizeOptions.__dataclass_fields__, "QuantizeOptions has no group_stats"
+            opts["group_stats"] = args.group_stats
+        timings[method] = run_child(sys.executable, OURS_CHILD, {"src": src, "out": out, "opts": opts}, args.threads)
+        with open(os.path.join(out, "omni_edge.json")) as f:
+            manifests[method] = json.load(f)
         rows[method.upper() if method == "rtn" else "GPTQ"] = evaluate(out, heldout, args.heldout_tokens,
                                                                        args.new_tokens)
+    assert manifests["gptq"]["quantization"]["calibration"]["tokens"] == calib.tokens  # the same token ids
 
-    calib = manifests["gptq"]["quantization"]["calibration"]
     if not args.skip_gptqmodel:
+        out = os.path.join(work, "gptqmodel")
+        shutil.rmtree(out, ignore_errors=True)
         try:
-            import gptqmodel  # noqa: F401
-        except ImportError:
-            print("GPTQModel column skipped: gptqmodel is not importable (pip install gptqmodel==7.6.0)")
+            timings["gptqmodel"] = run_child(args.gptq_python, GPTQMODEL_CHILD, {
+                "src": src, "out": out, "group_size": args.group_size, "sym": sym, "act_order": args.act_order,
+                "static": args.static, "damp": args.damp, "samples": calib.samples}, args.threads)
+        except RuntimeError as e:
+            print(f"GPTQModel column skipped: {' '.join(str(e).split())[:300]}")
         else:
-            tok = Tokenizer.from_dir(src)
-            prompt = prompt_format(tok, "hf")
-            samples = build_calibration(lambda t: prompt.render([{"role": "user", "content": t}]),
-                                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed).samples
-            assert sum(map(len, samples)) == calib["tokens"]  # the very same token ids as ours
-            out = os.path.join(work, "gptqmodel")
-            shutil.rmtree(out, ignore_errors=True)
-            t = time.time()
-            run_gptqmodel(src, out, samples, args)
-            timings["gptqmodel"] = time.time() - t
             rows["GPTQModel"] = evaluate(out, heldout, args.heldout_tokens, args.new_tokens)
+    calib = manifests["gptq"]["quantization"]["calibration"]
 
     names = list(rows)
     print(f"\ncalibration: {calib['nsamples']} samples, {calib['tokens']} tokens; held-out: "
@@ -183,7 +223,8 @@ def main(argv=None) -> int:
     print(f"{'vs fp32 (all)':<16}" + "".join(f"{100 * (rows[n]['ppl_all'] / base - 1):+11.2f}%" for n in names))
     print(f"{'mean layer err':<16}{'':>12}" + "".join(
         f"{manifests[m]['report']['mean_output_error']:12.3e}" for m in ("rtn", "gptq")))
-    print("quantize time:  " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    print("quantize (own process each): " + ", ".join(
+        f"{k} {v['seconds']:.0f} s, peak RSS {v['peak_rss_mb']:.0f} MB" for k, v in timings.items()))
     print("\ngreedy answers (correct = expected word present):")
     for i, (prompt, _) in enumerate(FACTS):
         print(f"  {prompt}")

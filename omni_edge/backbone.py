@@ -34,7 +34,11 @@ from omni_edge.ops import _dispatch, attention, q4
 
 QUANT_MODES = ("none", "rtn4")
 
-RTN_GROUP_SIZES = (128, 64, 32)
+RTN_GROUP_SIZES = (128, 64, 32)  # fallback candidates when K is not a multiple of the group size asked for
+# `--quant rtn4`'s grid: asymmetric (min/max with a zero point, as llama.cpp's Q4_1) in groups of 32 rows. On
+# SmolLM2-135M the symmetric group-64 grid it replaced lost the capital of Japan; see README "rtn4 grid".
+RTN_GROUP_SIZE = 32
+RTN_SYM = False
 
 # Linears of one decoder layer, names relative to `model.layers.N.`; each group shares its input
 # (the GPTQ toolchain collects one Hessian per group).
@@ -96,20 +100,56 @@ class Linear:
 
 
 def rtn_group_size(in_features: int, group_size: int = 128) -> int:
-    """Largest of group_size / 128 / 64 / 32 (not above group_size) that divides K; K itself (per-channel)
-    when none does."""
+    """The group size used for a layer with K = in_features inputs when `group_size` was asked for: itself if
+    it divides K, else the largest of 128 / 64 / 32 below it that does (the same rule for `omni-edge quantize`
+    and `--quant rtn4`); K itself (one group per output channel) when none does, or for group_size -1."""
+    if group_size == -1:
+        return in_features
     for g in sorted({group_size, *RTN_GROUP_SIZES}, reverse=True):
         if g <= group_size and in_features % g == 0:
             return g
     return in_features
 
 
-def quantize_linear_rtn(lin: Linear, group_size: int = 128) -> Linear:
-    """Round-to-nearest symmetric 4-bit of a dense Linear (already 4-bit: returned unchanged)."""
+def model_group_size(in_features: Sequence[int], group_size: int) -> int:
+    """One group size for every decoder linear of a model (GPTQ checkpoints record one): `group_size` if it
+    divides every K in `in_features`, else the largest of 128 / 64 / 32 below it that does, else -1
+    (per-channel). Used by `omni-edge quantize` and `--quant rtn4` alike."""
+    if group_size == -1:
+        return -1
+    for g in sorted({group_size, *RTN_GROUP_SIZES}, reverse=True):
+        if g <= group_size and all(k % g == 0 for k in in_features):
+            return g
+    return -1
+
+
+def decoder_in_features(cfg: BackboneConfig) -> List[int]:
+    """K of every decoder linear: hidden (q/k/v, gate/up), heads x head_dim (o_proj), intermediate (down)."""
+    return sorted({cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size})
+
+
+def rtn_grid_label(group_sizes, sym: bool) -> str:
+    """'asym, group 32' (or 'sym, groups 64/32' when the fallback changed some layers' group size)."""
+    gs = sorted(set(group_sizes), reverse=True)
+    word = "group" if len(gs) == 1 else "groups"
+    return f"{'sym' if sym else 'asym'}, {word} {'/'.join(str(g) for g in gs)}"
+
+
+def rtn_grid_of(layers) -> str:
+    """The grid label of the 4-bit linears in these DecoderLayers ('' when none is 4-bit)."""
+    qws = [lin.qweight for layer in layers for lin in layer.linears.values() if lin.quantized]
+    if not qws:
+        return ""
+    return rtn_grid_label([w.group_size for w in qws], all(w.sym for w in qws))
+
+
+def quantize_linear_rtn(lin: Linear, group_size: int = RTN_GROUP_SIZE, sym: bool = RTN_SYM) -> Linear:
+    """Round-to-nearest 4-bit of a dense Linear on `omni_edge.ops.q4.grid_params`'s grid, group `group_size`
+    (or the fallback of `rtn_group_size`); an already 4-bit Linear is returned unchanged."""
     if lin.quantized:
         return lin
     g = rtn_group_size(lin.in_features, group_size)
-    return Linear(qweight=q4.qweight_rtn(lin.weight, g, sym=True, bias=lin.bias))
+    return Linear(qweight=q4.qweight_rtn(lin.weight, g, sym=sym, bias=lin.bias))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -199,7 +239,7 @@ class DecoderLayer:
         self.linears[name] = new
         self._bind()
 
-    def quantize_rtn(self, group_size: int = 128) -> None:
+    def quantize_rtn(self, group_size: int = RTN_GROUP_SIZE) -> None:
         for name in linear_names(self.cfg):
             self.linears[name] = quantize_linear_rtn(self.linears[name], group_size)
         self._bind()
@@ -208,7 +248,7 @@ class DecoderLayer:
 
     @classmethod
     def from_tensors(cls, cfg: BackboneConfig, layer_index: int, tensors: Dict[str, object], *,
-                     device=None, dtype: Optional[torch.dtype] = None, quant: str = "none", group_size: int = 128,
+                     device=None, dtype: Optional[torch.dtype] = None, quant: str = "none", group_size: int = RTN_GROUP_SIZE,
                      gptq: Optional[GptqParams] = None) -> "DecoderLayer":
         """Build layer `layer_index` from its tensors, keyed by full (`model.layers.N.*`) or relative names.
         GPTQ-layout linears (`.qweight/.qzeros/.scales/.g_idx`) need `gptq`; values may also be QWeights."""
@@ -237,7 +277,7 @@ class DecoderLayer:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, layer_index: int, *, device=None, dtype=None, quant: str = "none",
-                        group_size: int = 128) -> "DecoderLayer":
+                        group_size: int = RTN_GROUP_SIZE) -> "DecoderLayer":
         """Load layer `layer_index`, one tensor at a time (rtn4: each weight is quantized as soon as it is read)."""
         prefix = layer_prefix(layer_index)
         ckpt.layer_names(layer_index)  # clear error for a missing tensor
@@ -368,16 +408,18 @@ class Backbone:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, *, device="cpu", dtype: torch.dtype = torch.float32,
-                        quant: str = "none", group_size: int = 128) -> "Backbone":
+                        quant: str = "none", group_size: int = RTN_GROUP_SIZE) -> "Backbone":
         """Load the backbone stage (+ lm_head) of a checkpoint, one tensor at a time.
 
-        quant "rtn4": every decoder linear is rounded to 4 bits at load (symmetric, group `group_size` or the
-        largest of 128/64/32 dividing K); embeddings, norms and lm_head stay dense. GPTQ-stored linears load
+        quant "rtn4": every decoder linear is rounded to 4 bits at load (asymmetric, group `group_size`, default
+        32, or the fallback of `rtn_group_size`); embeddings, norms and lm_head stay dense. GPTQ-stored linears load
         as QWeights whatever `quant` says."""
         device = cls._check_args(device, dtype, quant)
         ckpt.require("backbone")
         ckpt.require("lm_head")
         cfg = ckpt.config.backbone
+        if quant == "rtn4":  # one group size for the whole model, as `omni-edge quantize` picks it
+            group_size = model_group_size(decoder_in_features(cfg), group_size)
         embed = ckpt.get("model.embed_tokens.weight", dtype=dtype, device=device)
         layers = [DecoderLayer.from_checkpoint(ckpt, i, device=device, dtype=dtype, quant=quant,
                                                group_size=group_size) for i in range(cfg.num_hidden_layers)]
@@ -392,11 +434,13 @@ class Backbone:
 
     @classmethod
     def from_tensors(cls, cfg: BackboneConfig, tensors: Dict[str, torch.Tensor], *, device="cpu",
-                     dtype: torch.dtype = torch.float32, quant: str = "none", group_size: int = 128,
+                     dtype: torch.dtype = torch.float32, quant: str = "none", group_size: int = RTN_GROUP_SIZE,
                      gptq: Optional[GptqParams] = None) -> "Backbone":
         """Build from a dict of checkpoint-named tensors (tests, tools)."""
         device = cls._check_args(device, dtype, quant)
         c = cfg.hidden_size
+        if quant == "rtn4":
+            group_size = model_group_size(decoder_in_features(cfg), group_size)
 
         def get(name, shape):
             if name not in tensors:

@@ -21,6 +21,7 @@ GPTQ checkpoint that transformers + GPTQModel read. A Baichuan-Omni source gives
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch
 
 from omni_edge import __version__
 from omni_edge import bundle as bundle_mod
+from omni_edge.backbone import decoder_in_features, model_group_size
 from omni_edge.checkpoint import INDEX_FILE, Checkpoint, Linear as LinearSpec, stage_specs, stages_of
 
 from .bundle_writer import (AtomicDir, SafetensorsWriter, clean_stale_partials, copy_side_files, file_entry,
@@ -68,9 +70,10 @@ class QuantizeOptions:
     act_order: bool = False
     static_groups: Optional[bool] = None  # default: True with act_order
     damp: float = 0.01
+    group_stats: str = "current"  # QuantSpec.group_stats
     method: str = "gptq"  # "gptq" | "rtn"
     calib: Optional[str] = None  # JSON-lines file; None = the built-in set
-    nsamples: int = 128
+    nsamples: Optional[int] = None  # None: the calibration set's default (calibration.DEFAULT_NSAMPLES)
     seqlen: int = 512
     device: str = "cpu"
     seed: int = 0
@@ -88,7 +91,8 @@ class QuantizeOptions:
     def spec(self) -> QuantSpec:
         act_order = self.act_order and self.method == "gptq"  # RTN has no column order: recorded as desc_act off
         return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=act_order,
-                         static_groups=self.static_groups if act_order else None, damp=self.damp)
+                         static_groups=self.static_groups if act_order else None, damp=self.damp,
+                         group_stats=self.group_stats)
 
 
 def _check_paths(src: Path, out: Path) -> None:
@@ -116,9 +120,7 @@ def _check_shapes(ckpt: Checkpoint, spec: QuantSpec) -> None:
             raise ValueError(f"{s.prefix}: the GPTQ layout needs in/out features that are multiples of 8, "
                              f"got out={n}, in={k}")
         if spec.group_size != -1 and k % spec.group_size:
-            fits = [g for g in (128, 64, 32) if k % g == 0]
-            raise ValueError(f"--group-size {spec.group_size} does not divide the input size K={k} of {s.prefix}"
-                             f"; use {' or '.join(map(str, fits)) if fits else '-1 (per-channel)'}")
+            raise ValueError(f"group_size {spec.group_size} does not divide the input size K={k} of {s.prefix}")
     if cfg.num_hidden_layers < 1:
         raise ValueError("the checkpoint has no decoder layers")
 
@@ -235,7 +237,6 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
         raise ValueError(f"--checkpoint-format must be gptq or gptq_v2, got {opts.format!r}")
     if opts.method not in ("gptq", "rtn"):
         raise ValueError(f"--method must be gptq or rtn, got {opts.method!r}")
-    spec = opts.spec()
     _check_paths(src, out)
     target = AtomicDir(out, force=opts.force)
     target.check_target()
@@ -252,6 +253,18 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
         raise ValueError(f"{src} is already quantized (it has GPTQ tensors / a quantization_config)")
     for stage in ("backbone", "lm_head"):
         ckpt.require(stage)
+    # One group size for the model (the GPTQ config records one): the asked one, or the largest that divides
+    # every decoder linear's K (the same rule as `--quant rtn4`), said in the log and the manifest.
+    asked_gs = opts.group_size
+    gs = model_group_size(decoder_in_features(cfg.backbone), asked_gs)
+    group_note = None
+    if gs != asked_gs:
+        group_note = (f"group size {asked_gs} does not divide every decoder input size K "
+                      f"({', '.join(map(str, decoder_in_features(cfg.backbone)))}); using "
+                      f"{gs if gs != -1 else 'per-channel (-1)'}, the largest that does")
+        log(f"note: {group_note}")
+        opts = dataclasses.replace(opts, group_size=gs)
+    spec = opts.spec()
     _check_shapes(ckpt, spec)
 
     tok = Tokenizer.from_dir(src)
@@ -352,9 +365,11 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
                                 "quantized": stage == "backbone"} for stage, fs in modules.items()},
             "files": file_table,
             "quantization": {
-                "method": opts.method, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
+                "method": opts.method, "bits": spec.bits, "group_size": spec.group_size,
+                "group_size_requested": asked_gs, "group_size_note": group_note, "sym": spec.sym,
                 "desc_act": spec.act_order, "static_groups": spec.uses_static_groups, "damp_percent": spec.damp,
-                "block_size": spec.block_size, "true_sequential": True, "checkpoint_format": opts.format,
+                "block_size": spec.block_size, "group_stats": spec.group_stats, "true_sequential": True,
+                "checkpoint_format": opts.format,
                 "quantized": "every decoder-layer linear (q/k/v or W_pack, o_proj, gate_proj, up_proj, down_proj)",
                 "unquantized": {"float16": ["embed_tokens", "norms", "q/k/v biases", "lm_head"]
                                 + (["audio_embed_layers"] if cfg.kind == "omni" else []),

@@ -26,6 +26,7 @@ from omni_edge.safetensors_file import sha256_file
 
 BUILTIN_CALIBRATION = "calibration.jsonl"
 BUILTIN_HELDOUT = "heldout.jsonl"
+DEFAULT_NSAMPLES = 128  # texts used when the caller does not say (all of the built-in set)
 
 
 def _parse_jsonl(lines: Sequence[str], where: str) -> List[str]:
@@ -117,8 +118,10 @@ def select_texts(texts: Sequence[str], nsamples: int, seed: int) -> List[str]:
 
 
 def build_calibration(render_user_turn: Callable[[str], List[int]], *, calib_file: Optional[str] = None,
-                      nsamples: int = 128, seqlen: int = 512, seed: int = 0, prompt_format: str = "") -> CalibrationSet:
-    """Calibration samples: texts (built-in or `calib_file`) -> seeded choice -> one user turn each -> ids."""
+                      nsamples: Optional[int] = None, seqlen: int = 512, seed: int = 0,
+                      prompt_format: str = "") -> CalibrationSet:
+    """Calibration samples: texts (built-in or `calib_file`) -> seeded choice -> one user turn each -> ids.
+    nsamples None: up to DEFAULT_NSAMPLES texts, silently; a number the set cannot supply adds a note."""
     if seqlen < 2:
         raise ValueError(f"seqlen: expected at least 2 tokens, got {seqlen}")
     if calib_file is None:
@@ -129,6 +132,9 @@ def build_calibration(render_user_turn: Callable[[str], List[int]], *, calib_fil
         texts = read_jsonl(calib_file)
         source = Path(calib_file).name
         digest = file_sha256(calib_file)
+    asked = nsamples is not None
+    if nsamples is None:
+        nsamples = DEFAULT_NSAMPLES
     chosen = select_texts(texts, nsamples, seed)
     samples = []
     for text in chosen:
@@ -136,7 +142,7 @@ def build_calibration(render_user_turn: Callable[[str], List[int]], *, calib_fil
         if len(ids) >= 2:
             samples.append(ids)
     notes = []
-    if len(chosen) < nsamples:
+    if asked and len(chosen) < nsamples:
         notes.append(f"asked for {nsamples} samples but the {source} set has {len(texts)} texts; using all of them")
     return CalibrationSet(samples=samples, source=source, source_sha256=digest, texts_available=len(texts),
                           seqlen=seqlen, seed=seed, prompt_format=prompt_format, notes=notes)

@@ -13,7 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPTQ (default) or round-to-nearest, the baseline")
     p.add_argument("--bits", type=int, default=4, choices=(4,), help="weight bits (4)")
     p.add_argument("--group-size", type=int, default=128, metavar="G",
-                   help="input rows per quantization group: 32, 64, 128 (default) ..., or -1 for per-channel")
+                   help="input rows per quantization group: 32, 64, 128 (default) ..., or -1 for per-channel; when it "
+                        "does not divide every layer's input size, the largest of 128/64/32 below it that does is "
+                        "used (said in the output and the manifest)")
     p.add_argument("--act-order", action="store_true",
                    help="quantize columns by decreasing Hessian diagonal (desc_act), with static groups")
     p.add_argument("--no-static-groups", dest="static_groups", action="store_false", default=None,
@@ -30,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", metavar="FILE", help="calibration texts, JSON lines {\"text\": \"...\"}, each used "
                    "as one user turn (default: the built-in bilingual set of 64 short texts, fine for small models "
                    "and tests; give the 7B a few hundred longer texts)")
-    p.add_argument("--nsamples", type=int, default=128, metavar="N", help="calibration samples (default 128)")
+    p.add_argument("--nsamples", type=int, metavar="N",
+                   help="calibration samples (default: 128, or every text of a smaller set)")
     p.add_argument("--seqlen", type=int, default=512, metavar="L", help="tokens per sample at most (default 512)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--seed", type=int, default=0, help="seed for the calibration choice (default 0)")
@@ -55,7 +58,7 @@ def run(args) -> int:
 
     if args.group_size != -1 and args.group_size <= 0:
         raise CliError(f"--group-size must be -1 (per-channel) or positive, got {args.group_size}")
-    if args.nsamples <= 0 or args.seqlen < 2:
+    if (args.nsamples is not None and args.nsamples <= 0) or args.seqlen < 2:
         raise CliError(f"--nsamples must be positive and --seqlen at least 2, got {args.nsamples}, {args.seqlen}")
     if args.static_groups is False and not args.act_order:
         raise CliError("--no-static-groups only applies with --act-order")

@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from omni_edge.ops import q4
+
 __all__ = ["QuantSpec", "QuantResult", "HessianAccumulator", "grid_params", "gptq_quantize", "rtn_quantize",
            "quantize_layer", "output_error"]
 
@@ -43,6 +45,10 @@ class QuantSpec:
     static_groups: Optional[bool] = None
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block_size: int = 128  # columns per lazy-update block
+    # Where a non-static group's grid comes from: "current" = its columns' values as updated so far (every
+    # earlier column's error included); "block" = the values at the start of the lazy-update block (the
+    # reference GPTQ code and GPTQModel: earlier columns of the same block not yet applied).
+    group_stats: str = "current"
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4, 8):
@@ -53,6 +59,8 @@ class QuantSpec:
             raise ValueError(f"damp: expected a fraction in [0, 1), got {self.damp}")
         if self.block_size <= 0:
             raise ValueError(f"block_size: expected a positive size, got {self.block_size}")
+        if self.group_stats not in ("current", "block"):
+            raise ValueError(f"group_stats: expected 'current' or 'block', got {self.group_stats!r}")
 
     @property
     def maxq(self) -> int:
@@ -89,35 +97,14 @@ class QuantResult:
 # The grid
 # ------------------------------------------------------------------------------------------------
 
-_FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal); a scale that rounds to 0 in fp16 is lifted here
-
-
 def grid_params(wmin: torch.Tensor, wmax: torch.Tensor, *, bits: int = 4, sym: bool):
-    """Scale and zero point of the `bits`-bit grid for per-group minima/maxima (GPTQ's convention).
-
-    The range always contains 0. sym: scale = 2 * max(|min|, |max|) / maxq, zero = (maxq + 1) / 2.
-    asym: scale = (max - min) / maxq, zero = round(-min / scale). An all-zero group gets scale 1.
-    Scales are rounded to fp16 first, as stored. For bits=4 this equals omni_edge.ops.q4.grid_params."""
-    maxq = (1 << bits) - 1
-    wmin = torch.minimum(wmin.float(), torch.zeros_like(wmin, dtype=torch.float32))
-    wmax = torch.maximum(wmax.float(), torch.zeros_like(wmax, dtype=torch.float32))
-    if sym:
-        amax = torch.maximum(wmin.abs(), wmax)
-        scale = amax * 2 / maxq
-    else:
-        scale = (wmax - wmin) / maxq
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale).half().float()
-    scale = torch.where(scale == 0, torch.full_like(scale, _FP16_TINY), scale)
-    if sym:
-        zero = torch.full_like(scale, float((maxq + 1) // 2))
-    else:
-        zero = torch.clamp(torch.round(-wmin / scale), 0, maxq)
-    return scale, zero
+    """The grid of omni_edge.ops.q4.grid_params (the single implementation, shared with the runtime's RTN)."""
+    return q4.grid_params(wmin, wmax, sym=sym, bits=bits)
 
 
 def _quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
     """Codes and dequantized values of w on the grid (scale, zero); all three broadcast together."""
-    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    q = q4.quantize_codes(w, scale, zero, bits=maxq.bit_length())
     return q, scale * (q - zero)
 
 
@@ -271,7 +258,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
                 g = col // gs
                 end = col + gs
                 cur = w1[:, i:min(count, i + gs)]
-                if end > i2:
+                if spec.group_stats == "block":
+                    cur = w[:, col:end]
+                elif end > i2:
                     rest = w[:, i2:end]
                     if i > 0:
                         rest = rest - err1[:, :i] @ hinv[i1:col, i2:end]

@@ -60,6 +60,8 @@ def format_report(manifest: dict) -> str:
     if cal:
         lines.append(f"calibration: {cal.get('nsamples')} samples, {cal.get('tokens')} tokens from "
                      f"{cal.get('source')} (seed {cal.get('seed')})")
+    if q.get("group_size_note"):
+        lines.append(f"note: {q['group_size_note']}")
     if "seconds" in rep:
         lines.append(f"time: {rep['seconds']:.1f} s")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from omni_edge.generate import SamplingParams
 
 ENV = dict(os.environ, PYTHONIOENCODING="utf-8")
 GREEDY_ARGS = ["--temperature", "0", "--max-new-tokens", "6"]
-GREEDY = SamplingParams(max_new_tokens=6, temperature=0)  # same as GREEDY_ARGS (repetition penalty 1.1 default)
+GREEDY = SamplingParams(max_new_tokens=6, temperature=0, repetition_penalty=1.0)  # = GREEDY_ARGS: plain argmax
 
 
 def omni_edge(*args, stdin: str = "", timeout: int = 120):

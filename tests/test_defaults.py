@@ -109,13 +109,15 @@ def _check_parity(capsys, path, prompts, *flags, **hf_kwargs):
              "--repetition-penalty": ("repetition_penalty", float)}
     given = {names[f][0]: names[f][1](v) for f, v in zip(flags[::2], flags[1::2]) if f in names}
     params = model.sampling_defaults.resolve(**given).params()
+    ref_texts = []
     for prompt in prompts:
-        _, ref_ids = _hf_reply(path, prompt, **hf_kwargs)
+        ref_text, ref_ids = _hf_reply(path, prompt, **hf_kwargs)
+        ref_texts.append(ref_text)
         reply = model.session(seed=5).send(prompt, params)
         assert reply.ids == ref_ids, prompt
         text, err = _chat_reply(capsys, path, prompt, *flags)
         assert text == reply.text, prompt
-    return err
+    return err, ref_texts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ def test_default_flags_match_transformers_random_qwen2(qwen2_dir, capsys):
     d = from_checkpoint(qwen2_dir, "hf")
     assert d.values["temperature"] == 0 and d.values["repetition_penalty"] == 1.0
     assert d.values["max_new_tokens"] == 12 and d.sources["max_new_tokens"] == "generation_config.json"
-    err = _check_parity(capsys, qwen2_dir, PROMPTS)
+    err, _ = _check_parity(capsys, qwen2_dir, PROMPTS)
     assert "greedy: do_sample false (transformers default)" in err
     # the old default (penalty 1.1 under greedy) answers differently on at least one prompt: the comparison
     # above can tell the two rules apart
@@ -165,8 +167,7 @@ def test_default_flags_match_transformers_smollm2(smollm2_dir, capsys):
     """Real weights. SmolLM2's generation config sets no sampling keys and no max_new_tokens (transformers'
     max_length 20 counts the prompt), so both sides get the same explicit length; everything else is default."""
     prompt = "Which planet is the largest in our solar system?"
-    err = _check_parity(capsys, smollm2_dir, [prompt], "--max-new-tokens", "24", max_new_tokens=24)
-    ref_text, _ = _hf_reply(smollm2_dir, prompt, max_new_tokens=24)
+    err, (ref_text,) = _check_parity(capsys, smollm2_dir, [prompt], "--max-new-tokens", "24", max_new_tokens=24)
     assert "Jupiter" in ref_text and "Europa" not in ref_text
     assert "repetition_penalty 1.0 [transformers default]" in err
 

@@ -198,3 +198,137 @@ def test_bad_specs():
         gptq_quantize(w, h, QuantSpec(group_size=64))
     with pytest.raises(ValueError, match=r"expected shape \(96, 96\)"):
         gptq_quantize(w, torch.eye(64), QuantSpec(group_size=32))
+
+
+# ------------------------------------------------------------------------------------------------
+# One grid for RTN, `--quant rtn4` and GPTQ, with ggml's edge cases
+# ------------------------------------------------------------------------------------------------
+
+def test_one_grid_implementation():
+    from omni_edge.quantize import gptq
+    # the GPTQ toolchain's grid is a thin call into the runtime's, so they cannot drift apart again
+    lo, hi = torch.tensor([-1e-9, 0.0, -3.0]), torch.tensor([2e-9, 0.0, 1.0])
+    for sym in (True, False):
+        for a, b in zip(gptq.grid_params(lo, hi, sym=sym), q4.grid_params(lo, hi, sym=sym)):
+            assert torch.equal(a, b)
+
+
+def _decode(q, zeros, scales, g_idx):
+    return (q.float() - zeros.float()[g_idx.long()]) * scales.float()[g_idx.long()]  # (K, N)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_all_zero_and_tiny_groups(sym):
+    """As ggml requires of its quantizers: an all-zero group decodes to exact zeros, a group whose scale rounds
+    to 0 in fp16 (|w| < ~4.5e-8) gives finite codes (no division by zero) that decode to within half a step,
+    and both quantizers (runtime RTN, GPTQ toolchain) produce the same tensors bit for bit."""
+    k, n = 96, 8
+    w = torch.randn(n, k)
+    w[:, 0:32] = 0.0  # group 0: all zero
+    w[:, 32:64] = torch.randn(n, 32) * 1e-9  # group 1: scale rounds to 0 in fp16
+    w[:3, 64:96] = 0.0  # group 2: some all-zero rows inside a normal group
+    q, zeros, scales, g_idx = q4.quantize_rtn(w, 32, sym=sym)
+    assert bool(torch.isfinite(scales.float()).all()) and bool((scales.float() > 0).all())
+    assert int(q.max()) <= 15
+    deq = _decode(q, zeros, scales, g_idx).t()  # (N, K)
+    assert torch.equal(deq[:, :32], torch.zeros(n, 32))
+    assert torch.equal(deq[:3, 64:], torch.zeros(3, 32))
+    step = scales.float()[1]  # (N,) the lifted fp16 subnormal
+    assert bool(((deq[:, 32:64] - w[:, 32:64]).abs() <= step.unsqueeze(1) / 2 + 1e-12).all())
+    res = rtn_quantize(w, QuantSpec(group_size=32, sym=sym))
+    for a, b in zip((res.q, res.zeros, res.scales, res.g_idx), (q, zeros, scales, g_idx)):
+        assert torch.equal(a, b)
+    # the runtime QWeight decodes the same values
+    qw = q4.QWeight(q=q, zeros=zeros, scales=scales, g_idx=g_idx, group_size=32, sym=sym)
+    assert torch.equal(qw.dequantize(), deq.t())
+    # GPTQ on the same weight stays finite as well
+    x = correlated_inputs(256, k)
+    acc = HessianAccumulator(k)
+    acc.add(x)
+    g = gptq_quantize(w, acc.hessian(), QuantSpec(group_size=32, sym=sym))
+    assert bool(torch.isfinite(g.weight).all()) and bool(torch.isfinite(g.scales.float()).all())
+
+
+def test_scale_beyond_fp16_saturates_instead_of_inf():
+    w = torch.zeros(8, 32)
+    w[0, 0] = 1e6  # scale 2e6/15 > 65504
+    q, zeros, scales, g_idx = q4.quantize_rtn(w, 32, sym=True)
+    assert bool(torch.isfinite(scales.float()).all()) and float(scales.float().max()) == 65504.0
+
+
+# ------------------------------------------------------------------------------------------------
+# One group-size rule for `omni-edge quantize` and `--quant rtn4`
+# ------------------------------------------------------------------------------------------------
+
+def test_model_group_size_rule():
+    from omni_edge.backbone import model_group_size, rtn_group_size
+    assert model_group_size([3584, 18944], 128) == 128  # Qwen2.5-7B
+    assert model_group_size([576, 1536], 128) == 64  # SmolLM2-135M: 576 = 4.5 x 128
+    assert model_group_size([576, 1536], 32) == 32
+    assert model_group_size([96, 1536], 128) == 32
+    assert model_group_size([200, 1536], 128) == -1  # nothing divides 200: per-channel
+    assert model_group_size([4096], -1) == -1
+    assert model_group_size([4096], 256) == 256
+    assert rtn_group_size(576, 128) == 64 and rtn_group_size(576, -1) == 576
+
+
+def test_quantize_falls_back_to_a_dividing_group_size_and_says_so(tmp_path):
+    """K = 64 and 128 on this model: the default group 128 falls back to 64 for the whole model, in the log,
+    the manifest and the checkpoint config; the default calibration size prints no note."""
+    import json
+
+    from omni_edge.quantize.build import QuantizeOptions, quantize_checkpoint
+    from omni_edge.quantize.report import format_report
+    from tiny_hf import write_tiny_qwen2
+
+    src = write_tiny_qwen2(tmp_path / "src", seed=2)
+    log = []
+    m = quantize_checkpoint(src, tmp_path / "b", QuantizeOptions(method="rtn", seqlen=32, heldout=False,
+                                                                 progress=False), log=log.append)
+    q = m["quantization"]
+    assert (q["group_size"], q["group_size_requested"]) == (64, 128)
+    assert "group size 128 does not divide" in q["group_size_note"] and "using 64" in q["group_size_note"]
+    assert any(line.startswith("note: group size 128") for line in log)
+    assert not any("asked for" in line for line in log)
+    assert "note: group size 128" in format_report(m)
+    cfg = json.load(open(tmp_path / "b" / "config.json"))
+    assert cfg["quantization_config"]["group_size"] == 64
+    # asking for more samples than the set holds is still said
+    log = []
+    quantize_checkpoint(src, tmp_path / "c", QuantizeOptions(method="rtn", group_size=32, nsamples=500, seqlen=32,
+                                                             heldout=False, progress=False), log=log.append)
+    assert any("asked for 500 samples" in line for line in log)
+    assert not any("does not divide" in line for line in log)
+
+
+def test_rtn4_load_uses_the_same_rule_and_describe_records_the_grid(tmp_path):
+    from omni_edge import pipeline
+    from tiny_hf import write_tiny_qwen2
+
+    src = write_tiny_qwen2(tmp_path / "src", seed=2)
+    model = pipeline.load(src, quant="rtn4", max_context=32)
+    assert model.describe()["quant"] == "rtn4 (asym, group 32)"
+    ws = [lin.qweight for layer in model.backbone.layers for lin in layer.linears.values()]
+    assert {(w.group_size, w.sym) for w in ws} == {(32, False)}
+    from omni_edge.backbone import Backbone
+    from omni_edge.checkpoint import Checkpoint
+    bb = Backbone.from_checkpoint(Checkpoint.open(src), quant="rtn4", group_size=128)
+    assert {lin.qweight.group_size for layer in bb.layers for lin in layer.linears.values()} == {64}
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_group_stats_block_and_current(act_order):
+    """'block' takes a group's grid from the values at the start of its lazy block: identical to 'current'
+    when every group starts a block (block_size = group_size), different otherwise, and both beat RTN."""
+    x, w, h = layer_case(k=128)
+    kw = dict(group_size=32, act_order=act_order, static_groups=False if act_order else None)
+    a = gptq_quantize(w, h, QuantSpec(block_size=32, group_stats="block", **kw))
+    b = gptq_quantize(w, h, QuantSpec(block_size=32, group_stats="current", **kw))
+    assert torch.equal(a.q, b.q) and torch.equal(a.scales, b.scales)
+    c = gptq_quantize(w, h, QuantSpec(block_size=128, group_stats="block", **kw))
+    d = gptq_quantize(w, h, QuantSpec(block_size=128, group_stats="current", **kw))
+    assert not torch.equal(c.scales, d.scales)
+    e_rtn = rel_err(x, w, rtn_quantize(w, QuantSpec(group_size=32)).weight)
+    assert max(rel_err(x, w, c.weight), rel_err(x, w, d.weight)) < 0.75 * e_rtn
+    with pytest.raises(ValueError, match="group_stats"):
+        QuantSpec(group_stats="fresh")

@@ -487,9 +487,8 @@ def _check_g_idx(g_idx: torch.Tensor, groups: int) -> None:
 def quantize_rtn(weight: torch.Tensor, group_size: int = 128, *, sym: bool = True):
     """Round-to-nearest 4-bit quantization of a dense Linear weight (N, K) (torch layout).
 
-    Returns integer codes q (K, N) uint8, zeros (G, N) uint8, scales (G, N) fp16 and g_idx (K,) int32, the
-    same grid the GPTQ toolchain uses (asymmetric: min/max per group; symmetric: zero 8, scale amax/7.5... see
-    quantize/FORMAT.md)."""
+    Returns integer codes q (K, N) uint8, zeros (G, N) uint8, scales (G, N) fp16 and g_idx (K,) int32, on the
+    grid of `grid_params` (the one the GPTQ toolchain uses too; see quantize/FORMAT.md)."""
     _check.tensor("weight", weight, dtype=_check.FLOAT_DTYPES, ndim=2, contiguous=False)
     n, k = weight.shape
     if n == 0 or k == 0:
@@ -501,28 +500,46 @@ def quantize_rtn(weight: torch.Tensor, group_size: int = 128, *, sym: bool = Tru
         raise ValueError(f"group_size: K={k} must be a multiple of group_size={group_size}")
     w = weight.float().t().reshape(k // group_size, group_size, n)  # (G, g, N)
     scales, zeros = grid_params(w.amin(dim=1), w.amax(dim=1), sym=sym)
-    q = torch.clamp(torch.round(w / scales.unsqueeze(1)) + zeros.unsqueeze(1), 0, 15)
+    q = quantize_codes(w, scales.unsqueeze(1), zeros.unsqueeze(1))
     g_idx = torch.arange(k, dtype=torch.int32, device=weight.device) // group_size
     return (q.reshape(k, n).to(torch.uint8), zeros.to(torch.uint8), scales.to(torch.float16), g_idx)
 
 
-def grid_params(wmin: torch.Tensor, wmax: torch.Tensor, *, sym: bool):
-    """Scale and zero point of the 4-bit grid for per-group min/max (GPTQ's convention).
+FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): a scale that rounds to 0 in fp16 is lifted to it
+FP16_MAX = 65504.0  # largest finite fp16: a larger scale is clamped to it (the group then saturates)
 
-    sym: scale = max(|min|, |max|) * 2 / 15, zero = 8. asym: scale = (max - min) / 15, zero = round(-min / scale).
-    Scales are rounded to fp16 first, as stored, so quantization and dequantization agree exactly."""
-    wmin = torch.minimum(wmin, torch.zeros_like(wmin))
-    wmax = torch.maximum(wmax, torch.zeros_like(wmax))
+
+def grid_params(wmin: torch.Tensor, wmax: torch.Tensor, *, sym: bool, bits: int = 4):
+    """Scale and zero point of the `bits`-bit grid for per-group minima/maxima (GPTQ's convention). The one
+    implementation: round-to-nearest here, `--quant rtn4` and the GPTQ toolchain all call it.
+
+    The range always contains 0. With maxq = 2^bits - 1: sym: scale = 2 * max(|min|, |max|) / maxq,
+    zero = (maxq + 1) / 2 (8 for 4 bits). asym: scale = (max - min) / maxq, zero = round(-min / scale).
+    Scales are rounded to fp16 first, as stored, so quantization and dequantization agree exactly. Edge cases
+    (as ggml handles them): an all-zero group gets scale 1 (every code then decodes to exactly 0); a group so
+    small that its scale rounds to 0 in fp16 gets the smallest fp16 subnormal (never a division by zero: its
+    values, all below fp16's resolution, decode to 0 or the nearest subnormal multiple); a scale past fp16's
+    range is clamped to 65504. Returns fp32 (scale, zero) of wmin's shape."""
+    maxq = (1 << bits) - 1
+    wmin = torch.minimum(wmin.float(), torch.zeros((), dtype=torch.float32, device=wmin.device))
+    wmax = torch.maximum(wmax.float(), torch.zeros((), dtype=torch.float32, device=wmax.device))
     if sym:
-        amax = torch.maximum(wmin.abs(), wmax)
-        scale = amax * 2 / 15
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale).half().float()
-        zero = torch.full_like(scale, 8.0)
+        scale = torch.maximum(wmin.abs(), wmax) * 2 / maxq
     else:
-        scale = (wmax - wmin) / 15
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale).half().float()
-        zero = torch.clamp(torch.round(-wmin / scale), 0, 15)
+        scale = (wmax - wmin) / maxq
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale).clamp_(max=FP16_MAX).half().float()
+    scale = torch.where(scale == 0, torch.full_like(scale, FP16_TINY), scale)
+    if sym:
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        zero = torch.clamp(torch.round(-wmin / scale), 0, maxq)
     return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """fp32 codes clamp(round(w / scale) + zero, 0, 2^bits - 1) of w on the grid (scale, zero), all three
+    broadcasting together; the value a code decodes to is scale * (code - zero)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
 
 
 def qweight_rtn(weight: torch.Tensor, group_size: int = 128, *, sym: bool = True, bias=None) -> QWeight:

@@ -1,0 +1,92 @@
+"""GPTQ design choices measured on real Hessians: SmolLM2-135M-Instruct's decoder linears.
+
+For a few decoder layers, the input Hessian of each linear group (q/k/v, o_proj, gate/up, down_proj) is taken
+from the fp32 model on the built-in calibration texts (one user turn each, as `omni-edge quantize` renders
+them), and every variant quantizes the same weights against the same Hessians. The figure is GPTQ's own
+objective, the relative output error tr(dW H dW^T) / tr(W H W^T), averaged over the linears (lower is
+better), with RTN on the same grid beside it. A variant that lowers it everywhere is a candidate for the
+default; held-out perplexity (benchmarks/bench_gptq_quality.py) then has the last word.
+
+Variants: group statistics "current" (grid from the columns' values with every earlier column's error applied)
+vs "block" (the reference code's and GPTQModel's: values at the start of the 128-column lazy block); lazy
+block size; dampening.
+
+    python benchmarks/bench_gptq_variants.py [--layers 0,10,20,29] [--nsamples 16] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def capture(args):
+    from omni_edge.backbone import DecoderLayer, linear_groups
+    from omni_edge.checkpoint import Checkpoint
+    from omni_edge.quantize.calibration import build_calibration
+    from omni_edge.quantize.sequential import _capture_hessian
+    from omni_edge.testing import smollm2_checkpoint
+    from omni_edge.tokenizer import Tokenizer, prompt_format
+
+    src = smollm2_checkpoint()
+    ckpt = Checkpoint.open(src)
+    tok = Tokenizer.from_dir(src)
+    prompt = prompt_format(tok, "hf")
+    calib = build_calibration(lambda t: prompt.render([{"role": "user", "content": t}]), nsamples=args.nsamples,
+                              seqlen=args.seqlen, seed=0)
+    embed = ckpt.get("model.embed_tokens.weight").float()
+    xs = [embed[torch.tensor(s)].unsqueeze(0) for s in calib.samples]
+    wanted = sorted(int(v) for v in args.layers.split(","))
+    cases = []  # (name, weight (N, K), hessian)
+    with torch.no_grad():
+        for i in range(max(wanted) + 1):
+            layer = DecoderLayer.from_checkpoint(ckpt, i, dtype=torch.float32)
+            if i in wanted:
+                for group in linear_groups(ckpt.config.backbone):
+                    h = _capture_hessian(layer, group[0], xs).hessian()
+                    w = torch.cat([layer.linear(n).weight for n in group], dim=0)
+                    cases.append((f"{i}.{'+'.join(n.split('.')[-1] for n in group)}", w, h))
+            xs = [layer(x) for x in xs]
+    return cases, calib.tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", default="0,10,20,29")
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from omni_edge.quantize.gptq import QuantSpec, gptq_quantize, output_error, rtn_quantize
+
+    t0 = time.time()
+    cases, tokens = capture(args)
+    print(f"SmolLM2-135M-Instruct, layers {args.layers}: {len(cases)} linear groups, Hessians from {tokens} "
+          f"calibration tokens ({time.time() - t0:.0f} s); torch threads {args.threads}")
+    grids = [(32, True), (32, False), (64, True), (64, False)]
+    variants = [("current", 128, 0.01), ("block", 128, 0.01), ("current", 32, 0.01), ("current", 128, 0.05),
+                ("block", 128, 0.05)]
+    print(f"\nmean relative output error x 1e3 (lower is better); act-order off / on")
+    head = f"{'grid':10s} {'RTN':>7s}" + "".join(f" {f'{gs_}/b{bs}/d{d}':>22s}" for gs_, bs, d in variants)
+    print(head)
+    for gs, sym in grids:
+        rtn = sum(output_error(w, rtn_quantize(w, QuantSpec(group_size=gs, sym=sym)).weight, h)
+                  for _, w, h in cases) / len(cases)
+        cells = []
+        for stats, bs, damp in variants:
+            errs = []
+            for act_order in (False, True):
+                spec = QuantSpec(group_size=gs, sym=sym, act_order=act_order, static_groups=False if act_order else None,
+                                 block_size=bs, damp=damp, group_stats=stats)
+                errs.append(sum(output_error(w, gptq_quantize(w, h, spec).weight, h) for _, w, h in cases) / len(cases))
+            cells.append(f"{1e3 * errs[0]:10.3f} /{1e3 * errs[1]:9.3f}")
+        print(f"{('sym' if sym else 'asym') + ' g' + str(gs):10s} {1e3 * rtn:7.3f}" + "".join(f" {c:>22s}" for c in cells),
+              flush=True)
+    print(f"\ntotal {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
