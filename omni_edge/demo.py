@@ -2,9 +2,10 @@
 
 Writes the tiny Baichuan-Omni-shaped test checkpoint (random weights, byte-level tokenizer with the real
 special tokens) to a temporary folder, loads it through the same pipeline `omni-edge chat` uses, and runs one
-chat turn in full precision and again with the backbone quantised to 4 bits at load. It prints what ran
-(model shape, device, kernels, CPU instruction set) and how fast. The weights are random, so the reply is
-gibberish: the point is that every step runs.
+chat turn in full precision and again with the backbone quantised to 4 bits at load; then a question with an
+image and audio (vision tower, audio encoder and RVQ) and a spoken reply (audio head, speech decoder, flow
+matching and a tiny random HiFT vocoder). It prints what ran (model shape, device, kernels, CPU instruction set,
+stages) and how fast. The weights are random, so the replies are gibberish: the point is that every step runs.
 """
 
 from __future__ import annotations
@@ -71,5 +72,55 @@ def run(args) -> int:
             out.write(f"  prefill {reply.prompt_tokens} tokens at {reply.prefill_tok_s:.0f} tok/s, "
                       f"decode {len(reply.step_s)} steps at {reply.decode_tok_s:.0f} tok/s\n")
             del model, session
+        _omni_turns(tmp, args, out)
     out.write("\ndemo finished: everything ran. For a real model see `omni-edge chat --help`.\n")
     return 0
+
+
+def _omni_turns(tmp: str, args, out) -> None:
+    """An image + audio question, then a spoken reply (tiny random vocoder), through the same pipeline."""
+    import os
+    import time
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from omni_edge import pipeline
+    from omni_edge.audio_in import audio_from_wave
+    from omni_edge.generate import SamplingParams
+    from omni_edge.speak import SpeakParams
+    from omni_edge.testing import write_tiny_vocoder
+
+    write_tiny_vocoder(tmp)
+    os.remove(os.path.join(tmp, "hift.pt"))  # the folded safetensors copy is what a bundle carries
+    model = pipeline.load(tmp, device=args.device, threads=args.threads)
+    image_path = os.path.join(tmp, "demo.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(image_path)
+    image = model.load_media("image", image_path)
+    t = torch.arange(16000 * 2) / 16000.0
+    audio = audio_from_wave(0.3 * torch.sin(2 * torch.pi * 330 * t), 16000, model.config.audio, source="tone")
+    session = model.session(seed=0)
+    reply = session.send([{"type": "image", "image": image}, {"type": "audio", "audio": audio},
+                          {"type": "text", "text": "What do you see and hear?"}],
+                         SamplingParams(max_new_tokens=min(args.max_new_tokens, 16)))
+    stage_s = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in reply.media_s.items())
+    out.write(f"\n[image + audio in] {reply.media_tokens.get('image', 0)} image tokens, "
+              f"{reply.media_tokens.get('audio', 0)} audio tokens; stages: {stage_s}\n")
+    out.write(f"  reply: {_printable(reply.text)}\n")
+    chunks, first = [], []
+    t0 = time.perf_counter()
+
+    def on_audio(chunk):
+        if not first:
+            first.append(time.perf_counter() - t0)
+        chunks.append(chunk)
+    head, stream = model.speech_outputs(on_audio, first_codes=4)
+    spoken = session.send_spoken("Now say it aloud.", head, params=SpeakParams(), max_new_tokens=64,
+                                 on_audio_frame=stream.push, on_clause_end=stream.end_clause)
+    stream.close()
+    seconds = sum(c.numel() for c in chunks) / 24000
+    out.write(f"[spoken reply] {spoken.text_tokens} text tokens, {spoken.frames} audio frames -> {seconds:.2f} s of "
+              f"24 kHz speech (first audio after {first[0]:.2f} s)\n" if first else
+              f"[spoken reply] {spoken.text_tokens} text tokens, no audio frame within the demo's budget\n")
+    out.write(f"  stages built on first use: {', '.join(model.describe()['stages'])}\n")
