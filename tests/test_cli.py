@@ -302,7 +302,7 @@ def test_help_documents_interactive_input():
 # ---- demo ----------------------------------------------------------------------------------------------
 
 def test_demo_runs():
-    r = omni_edge("demo", timeout=300)
+    r = omni_edge("demo", timeout=600)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "RANDOM weights" in out and "gibberish" in out
@@ -311,6 +311,9 @@ def test_demo_runs():
     assert re.search(r"\[quant rtn4\] kernels: q4 (native|torch), attention (native|torch)", out)
     assert re.search(r"CPU kernel level (avx512|avx2|neon|scalar)", out)
     assert len(re.findall(r"decode \d+ steps at [\d.]+ tok/s", out)) == 2
+    assert re.search(r"\[image \+ audio in\] \d+ image tokens, 25 audio tokens", out)  # 2 s -> 25 tokens
+    assert re.search(r"\[spoken reply\] \d+ text tokens, \d+ audio frames", out)
+    assert "stages built on first use: vision, audio_encoder, audio_head, speech, vocoder" in out
 
 
 # ---- scripting: stdin, files, JSON, pipes, escapes ------------------------------------------------------
