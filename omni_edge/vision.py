@@ -23,11 +23,9 @@ plus host-built rotary tables and segment ids, so `embed` looks the same either 
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from omni_edge.config import ModelConfig, VisualConfig
