@@ -1,6 +1,6 @@
-"""Vision stage benchmark: encode time per image for omni-edge's stage (torch backend with the native varlen
-attention, and the exported ONNX graph in onnxruntime) against transformers' Qwen2-VL vision tower holding the
-same random weights, at the real widths (embed 1280, 16 heads x 80, MLP 5120, bridge 5120 -> 3584).
+"""Vision stage benchmark: encode time per image for omni-edge's stage (torch backend with fused SDPA or the
+native varlen attention, and the exported ONNX graph in onnxruntime) against transformers' Qwen2-VL vision tower
+holding the same random weights, at the real widths (embed 1280, 16 heads x 80, MLP 5120, bridge 5120 -> 3584).
 
 Images: 448x448, 1024x768 and 1344x1344 after the reference's smart_resize (token counts shown). Each figure is
 the median of --reps calls after one warm-up (min and max shown), all in one process with the same thread count.
@@ -134,8 +134,8 @@ def main() -> None:
     tensors = random_tensors(config, seed=0, dtype=torch.float32, stages=("visual", "visual_bridge"))
     tower = vision.build_tower(tensors, cfg)
     from omni_edge import backends
-    stage = vision.VisionStage(cfg, tower=tower, pick=backends.Pick("vision", "torch", "benchmark"), device="cpu",
-                               dtype=torch.float32)
+    stages = {att: vision.VisionStage(cfg, tower=tower, pick=backends.Pick("vision", "torch", "benchmark"),
+                                      device="cpu", dtype=torch.float32, attention=att) for att in ("sdpa", "varlen")}
     peers = {}
     if not args.no_hf:
         peers["transformers"] = hf_tower(tensors, cfg)
@@ -148,12 +148,15 @@ def main() -> None:
     from omni_edge.ops import _dispatch
     native = _dispatch.native_enabled("attention", torch.device("cpu"))
     print(f"vision tower benchmark ({time.strftime('%Y-%m-%d %H:%M')}, load average "
-          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}): fp32, CPU, {args.threads} threads, {args.layers} of {depth_full} layers run "
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}): fp32, CPU, {args.threads} threads, "
+          f"{args.layers} of {depth_full} layers run "
           f"(embed {cfg.embed_dim}, {cfg.num_heads} heads x {cfg.embed_dim // cfg.num_heads}, MLP {cfg.mlp_dim}, "
           f"bridge -> {cfg.hidden_size}), random weights; native varlen attention: {native}")
+    print("omni-edge torch sdpa = the CPU default (torch's fused SDPA, one batched call per image size); "
+          "torch varlen = the native block-diagonal kernel (the CUDA default)")
     print(f"measured fp32 matmul rate (4096x1280 @ 1280x5120, torch): {rate:.1f} GFLOP/s; median of {args.reps} "
           f"calls after a warm-up (min-max); 'full depth' = patch embed + bridge + {depth_full} x per-layer time")
-    head = (f"{'image':>10} {'tokens':>6} {'patches':>7} | {'backend':<22} {'ms / call':>11} {'(min-max)':>17} "
+    head = (f"{'image':>10} {'tokens':>6} {'patches':>7} | {'backend':<24} {'ms / call':>11} {'(min-max)':>17} "
             f"{'GFLOP/s':>8} {'% mm':>5} {'full depth s':>12} {'vs transformers':>15}")
     print(head)
     print("-" * len(head))
@@ -169,7 +172,8 @@ def main() -> None:
         flops, per_layer = flops * frames, per_layer * frames
         rows = {}
         with torch.inference_mode():
-            rows["omni-edge torch"] = timed(lambda: stage.run(x, grid), args.reps)
+            for att, stage in stages.items():
+                rows[f"omni-edge torch {att}"] = timed(lambda: stage.run(x, grid), args.reps)
             if "transformers" in peers:
                 gt = torch.tensor(grid)
                 rows["transformers (sdpa)"] = timed(lambda: peers["transformers"](hidden_states=x, grid_thw=gt),
@@ -185,14 +189,15 @@ def main() -> None:
         peer = rows.get("transformers (sdpa)")
         for name, r in rows.items():
             if r is None:
-                print(f"{label:>10} {p // 4:>6} {p:>7} | {name:<22} {'skipped: P x P mask attention > --onnx-max-patches':>60}")
+                note = "skipped: P x P mask attention > --onnx-max-patches"
+                print(f"{label:>10} {p // 4:>6} {p:>7} | {name:<24} {note:>60}")
                 continue
             med, lo, hi = r
             gflops = flops / med / 1e9
             fixed = flops - args.layers * per_layer
             full_s = med * (fixed + depth_full * per_layer) / flops
             ratio = f"{peer[0] / med:.2f}x" if peer else "-"
-            print(f"{label:>10} {p // 4:>6} {p:>7} | {name:<22} {med * 1e3:>11.1f} "
+            print(f"{label:>10} {p // 4:>6} {p:>7} | {name:<24} {med * 1e3:>11.1f} "
                   f"{f'({lo * 1e3:.0f}-{hi * 1e3:.0f})':>17} {gflops:>8.1f} {100 * gflops / rate:>5.0f} "
                   f"{full_s:>12.1f} {ratio:>15}")
     print("'vs transformers' = transformers time / this time (>1: faster); 'full depth s' scales each backend's "

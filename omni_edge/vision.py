@@ -136,7 +136,8 @@ class VisionAttention(nn.Module):
     def __init__(self, e: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(e, 3 * e)  # model.visual_model.blocks.N.attn.qkv.{weight (3e, e), bias (3e,)}, rows [q|k|v]
+        # model.visual_model.blocks.N.attn.qkv.{weight (3e, e), bias (3e,)}, rows [q | k | v]
+        self.qkv = nn.Linear(e, 3 * e)
         self.proj = nn.Linear(e, e)  # model.visual_model.blocks.N.attn.proj.{weight (e, e), bias (e,)}
 
     def forward(self, x, cos, sin, attend):
