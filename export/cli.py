@@ -51,8 +51,8 @@ def export_bundle(bundle_dir, stages=("vision",), precisions=PRECISIONS, *, opse
     if not bundle.is_bundle(root):
         raise ExportError(f"export: {root} is not an omni-edge bundle ({bundle.MANIFEST} is missing); write one "
                           f"with `omni-edge quantize CHECKPOINT {root.name}-bundle` and export into that")
-    if not 11 <= opset <= 21:
-        raise ExportError(f"export: --opset must lie in [11, 21] (LayerNormalization needs 17), got {opset}")
+    if not 17 <= opset <= 20:
+        raise ExportError(f"export: --opset must lie in [17, 20] (LayerNormalization is an op from 17), got {opset}")
     manifest = bundle.validate(root)
     ckpt = Checkpoint.open(root)
     if ckpt.config.kind != "omni":

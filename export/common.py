@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 DEFAULT_OPSET = 17
 # Graphs bigger than this keep their weights in an external data file (`<name>.onnx.data`).

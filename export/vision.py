@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from pathlib import Path
 from typing import List
 
 import torch

@@ -324,6 +324,8 @@ def load_video(path, cfg: VideoConfig, *, max_tokens: Optional[int] = None,
         return kept, n
 
     picked = sample_indices(n_packets, fps, cfg.max_frame_num)
+    if width and height and picked:  # refuse an over-long video from its headers, before decoding it
+        _check_tokens(src, f"video ({len(picked)} frames)", len(picked) * tokens_for(height, width, cfg), max_tokens)
     kept, n_decoded = decode(set(picked))
     if n_decoded != n_packets:
         # the packet count was not the frame count (a damaged tail, ...): sample from the decoded count

@@ -9,8 +9,10 @@ MODEL.md §1.2 (`OmniVisualEncoder` = transformers' Qwen2-VL vision tower withou
     -> (P / 4, hidden)
 
 Attention is full inside each image or video frame and absent across them. `embed` runs every image and frame
-of every item in one pass: one GEMM per linear over all patches and one block-diagonal call of
-`omni_edge.ops.attention.varlen` (native kernel) per layer, with `cu_seqlens` marking the images.
+of every item in one pass: one GEMM per linear over all patches, and per layer either one block-diagonal call
+of `omni_edge.ops.attention.varlen` (native kernel, `cu_seqlens` marking the images; the default on CUDA) or
+torch's fused SDPA batched over the images of each size (`grouped_sdpa`; the default on CPU, where it measured
+faster than the native kernel).
 
 The 2-D rotary embedding: head_dim D = 80 is split into two halves of 40 (row ids, column ids), each
 carrying 20 frequencies theta^(-2i/40), theta = 10000, duplicated (rotate-half style) to D; the ids of a patch
@@ -23,7 +25,6 @@ plus host-built rotary tables and segment ids, so `embed` looks the same either 
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -103,11 +104,40 @@ def masked_attention(q, k, v, bias, scale: float):
     return torch.matmul(p, vh).transpose(0, 1)
 
 
+def grouped_sdpa(q, k, v, lengths: Sequence[int]):
+    """Block-diagonal attention through torch's fused SDPA: q/k/v (P, H, D), segments of `lengths` back to back.
+    Segments of equal length form one batched call (a video's frames: one call per layer); a run of them lying
+    back to back is a view, others are gathered. -> (P, H, D)."""
+    n, h, d = q.shape
+    out = torch.empty_like(q)
+    groups: dict = {}
+    start = 0
+    for length in lengths:
+        if length:
+            groups.setdefault(length, []).append(start)
+        start += length
+    for length, starts in groups.items():
+        b = len(starts)
+        if starts[-1] - starts[0] == (b - 1) * length:  # back to back: views, no copies
+            rows = slice(starts[0], starts[0] + b * length)
+        else:
+            rows = (torch.tensor(starts, device=q.device)[:, None]
+                    + torch.arange(length, device=q.device)[None, :]).reshape(-1)
+        qb, kb, vb = (x[rows].reshape(b, length, h, d).transpose(1, 2) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qb, kb, vb)  # (b, H, length, D)
+        out[rows] = o.transpose(1, 2).reshape(b * length, h, d)
+    return out
+
+
+ATTENTION = ("auto", "varlen", "sdpa")
+
+
 class VisionAttention(nn.Module):
     def __init__(self, e: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(e, 3 * e)  # model.visual_model.blocks.N.attn.qkv.{weight (3e, e), bias (3e,)}, rows [q|k|v]
+        # model.visual_model.blocks.N.attn.qkv.{weight (3e, e), bias (3e,)}, rows [q | k | v]
+        self.qkv = nn.Linear(e, 3 * e)
         self.proj = nn.Linear(e, e)  # model.visual_model.blocks.N.attn.proj.{weight (e, e), bias (e,)}
 
     def forward(self, x, cos, sin, attend):
@@ -216,7 +246,15 @@ def build_tower(tensors: dict, cfg: VisualConfig) -> VisionTower:
 class VisionStage:
     """Images / video frames -> backbone input rows, on the torch module or an ONNX graph."""
 
-    def __init__(self, cfg: VisualConfig, *, tower: Optional[VisionTower], pick, device, dtype, threads=None):
+    def __init__(self, cfg: VisualConfig, *, tower: Optional[VisionTower], pick, device, dtype, threads=None,
+                 attention: str = "auto"):
+        if attention not in ATTENTION:
+            raise ValueError(f"vision: attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+        if attention == "auto":
+            # CPU: torch's fused SDPA kernel measured faster than the native varlen kernel on AVX2 machines
+            # (benchmarks/bench_vision.py); CUDA: the native varlen kernel (one launch for all images).
+            attention = "varlen" if torch.device(device).type == "cuda" else "sdpa"
+        self.attention = attention
         self.cfg = cfg
         self.tower = tower
         self.pick = pick
@@ -228,7 +266,7 @@ class VisionStage:
 
     @classmethod
     def from_checkpoint(cls, ckpt, cfg: ModelConfig, *, device="cpu", dtype=torch.float32, backend="auto",
-                        bundle_dir=None, manifest=None, threads=None) -> "VisionStage":
+                        bundle_dir=None, manifest=None, threads=None, attention: str = "auto") -> "VisionStage":
         from omni_edge import backends
 
         if cfg.visual is None:
@@ -244,10 +282,12 @@ class VisionStage:
             for stage in ("visual", "visual_bridge"):
                 tensors.update(ckpt.stage_tensors(stage, dtype=dtype, device=device))
             tower = build_tower(tensors, cfg.visual)
-        return cls(cfg.visual, tower=tower, pick=pick, device=device, dtype=dtype, threads=threads)
+        return cls(cfg.visual, tower=tower, pick=pick, device=device, dtype=dtype, threads=threads,
+                   attention=attention)
 
     def describe(self) -> str:
-        return f"vision: {self.pick.describe()}, {str(self.dtype).replace('torch.', '')} on {self.device}"
+        how = "" if self.graph is not None else f", attention {self.attention}"
+        return f"vision: {self.pick.describe()}, {str(self.dtype).replace('torch.', '')} on {self.device}{how}"
 
     def _check(self, patches: torch.Tensor, grids) -> None:
         if patches.ndim != 2 or patches.shape[1] != self.patch_dim:
@@ -273,12 +313,20 @@ class VisionStage:
             x = patches.to(torch.float16 if self.pick.precision == "float16" else torch.float32)
             out = self.graph.run(patches=x, cos=cos, sin=sin, segment_ids=segment_ids_of(grids))[0]
             return out.to(self.dtype)
-        from omni_edge.ops import attention
-
-        cu = cu_seqlens_of(grids).to(self.device)
         dev = self.device
-        return self.tower(patches.to(dev, self.dtype), cos.to(dev), sin.to(dev),
-                          lambda q, k, v: attention.varlen(q, k, v, cu))
+        if self.attention == "varlen":
+            from omni_edge.ops import attention
+
+            cu = cu_seqlens_of(grids).to(dev)
+
+            def attend(q, k, v):
+                return attention.varlen(q, k, v, cu)
+        else:
+            lengths = [h * w for t, h, w in grids for _ in range(t)]
+
+            def attend(q, k, v):
+                return grouped_sdpa(q, k, v, lengths)
+        return self.tower(patches.to(dev, self.dtype), cos.to(dev), sin.to(dev), attend)
 
     def embed(self, items) -> List[torch.Tensor]:
         """Prepared VisualInputs -> one (n_tokens, hidden) tensor per item, all images / frames in one pass."""

@@ -247,3 +247,13 @@ def test_bad_inputs_give_one_clear_error_each(tmp_path):
 def test_visual_input_counts():
     item = VisualInput("video", "v.mp4", torch.zeros(40, 1176), [(1, 4, 6), (1, 4, 4)], "x")
     assert item.frame_tokens == [6, 4] and item.n_tokens == 10
+
+
+def test_imports_stay_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, omni_edge.inputs, omni_edge.vision; "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'transformers', 'av', 'PIL') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -7,12 +7,16 @@ import torch
 from omni_edge.checkpoint import Checkpoint
 from omni_edge.inputs import VisualInput
 from omni_edge.testing import write_tiny_checkpoint
-from omni_edge.vision import VisionStage, cu_seqlens_of, rotary_cos_sin, rotary_ids
+from omni_edge.ops.attention import varlen_ref
+from omni_edge.vision import VisionStage, cu_seqlens_of, grouped_sdpa, rotary_cos_sin, rotary_ids
 
 # head_dim 80 as in the real tower (embed 160 / 2 heads), 3 layers, bridge to 128
 VISUAL = {"embed_dim": 160, "num_heads": 2, "depth": 3}
 # several images / frames in one call: odd patch counts (h, w multiples of the merge size 2 only)
 GRIDS = [(1, 6, 10), (1, 2, 2), (1, 14, 4), (1, 4, 18)]
+# equal-size frames apart and back to back (grouped SDPA's gather and view paths)
+MIXED = [(1, 4, 6), (1, 2, 2), (1, 4, 6), (1, 6, 4), (1, 2, 2), (1, 2, 2)]
+ATTENTION = ["varlen", "sdpa"]
 
 
 @pytest.fixture(scope="module")
@@ -86,23 +90,36 @@ def test_rotary_tables_match_transformers():
     assert torch.equal(cos, want_cos.reshape(cos.shape)) and torch.equal(sin, want_sin.reshape(sin.shape))
 
 
-def test_fp32_matches_transformers(ckpt):
-    stage = VisionStage.from_checkpoint(ckpt, ckpt.config, backend="torch", dtype=torch.float32)
+def test_grouped_sdpa_is_block_diagonal():
+    g = torch.Generator().manual_seed(2)
+    lengths = [5, 0, 7, 5, 5, 3, 7]
+    q, k, v = (torch.randn(sum(lengths), 3, 80, generator=g) for _ in range(3))
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    want = varlen_ref(q, k, v, cu)
+    # fp32 on both sides: only the summation order differs
+    assert (grouped_sdpa(q, k, v, lengths) - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("grids", [GRIDS, MIXED], ids=["sizes", "frames"])
+def test_fp32_matches_transformers(ckpt, attention, grids):
+    stage = VisionStage.from_checkpoint(ckpt, ckpt.config, backend="torch", dtype=torch.float32, attention=attention)
     model = hf_tower(ckpt, torch.float32)
-    patches = patches_for(GRIDS)
-    got = stage.run(patches, GRIDS)
-    want = hf_run(model, patches, GRIDS, torch.float32)
-    assert got.shape == want.shape == (sum(h * w for _, h, w in GRIDS) // 4, ckpt.config.visual.hidden_size)
-    # fp32 on both sides; only summation order differs (GEMM blocking, the varlen kernel's online softmax)
+    patches = patches_for(grids)
+    got = stage.run(patches, grids)
+    want = hf_run(model, patches, grids, torch.float32)
+    assert got.shape == want.shape == (sum(h * w for _, h, w in grids) // 4, ckpt.config.visual.hidden_size)
+    # fp32 on both sides; only summation order differs (GEMM blocking, the attention kernels' softmax order)
     assert rel_err(got, want) < 1e-4
 
 
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_within_twice_transformers_error(ckpt, dtype):
+def test_half_precision_within_twice_transformers_error(ckpt, dtype, attention):
     """Our bf16 / fp16 error against the fp32 transformers tower is at most 2x that of the transformers tower
     run in the same dtype (the flash-attention rule), with a floor of one unit in the last place of the
     output's magnitude."""
-    stage = VisionStage.from_checkpoint(ckpt, ckpt.config, backend="torch", dtype=dtype)
+    stage = VisionStage.from_checkpoint(ckpt, ckpt.config, backend="torch", dtype=dtype, attention=attention)
     patches = patches_for(GRIDS, seed=1)
     ref = hf_run(hf_tower(ckpt, torch.float32), patches, GRIDS, torch.float32)
     peer = hf_run(hf_tower(ckpt, dtype), patches, GRIDS, dtype)
@@ -132,7 +149,9 @@ def test_embed_packs_items_and_splits_them_back(ckpt):
 
 def test_describe_and_clean_errors(ckpt):
     stage = VisionStage.from_checkpoint(ckpt, ckpt.config, backend="torch", dtype="float32")
-    assert "torch" in stage.describe() and "float32" in stage.describe()
+    assert "torch" in stage.describe() and "float32" in stage.describe() and "attention sdpa" in stage.describe()
+    with pytest.raises(ValueError, match="attention must be one of"):
+        VisionStage.from_checkpoint(ckpt, ckpt.config, backend="torch", attention="flash")
     with pytest.raises(ValueError, match=r"patches must be \(P, 1176\)"):
         stage.run(torch.zeros(4, 1000), [(1, 2, 2)])
     with pytest.raises(ValueError, match="needs 8"):
