@@ -53,8 +53,15 @@ def piece_lengths(samples: int) -> Tuple[int, int, int]:
 
 
 def split_pieces(n: int) -> List[Tuple[int, int]]:
-    """[start, end) sample ranges of the 30 s pieces (no overlap, the last one shorter)."""
-    return [(s, min(n, s + audio_io.CHUNK_SAMPLES)) for s in range(0, n, audio_io.CHUNK_SAMPLES)]
+    """[start, end) sample ranges of the pieces that make tokens, as the reference processor splits: audio up to
+    30 s is one piece; longer audio is cut into 30 s pieces (no overlap), a last piece shorter than n_fft (400
+    samples) is dropped, and pieces whose bridge length is 0 (under 960 samples) are skipped."""
+    if n <= audio_io.CHUNK_SAMPLES:
+        cuts = [(0, n)]
+    else:
+        cuts = [(s, min(n, s + audio_io.CHUNK_SAMPLES)) for s in range(0, n, audio_io.CHUNK_SAMPLES)]
+        cuts = [(s, e) for s, e in cuts if e - s >= audio_io.N_FFT]
+    return [(s, e) for s, e in cuts if piece_lengths(e - s)[2] > 0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,18 +117,27 @@ def audio_from_wave(wave: torch.Tensor, sample_rate: int, cfg: AudioConfig, *, s
     seconds = wave.shape[0] / sr
     if seconds > max_seconds:
         raise InputError(f"{source}: {seconds:.1f} s of audio is longer than the limit of {max_seconds:g} s")
-    mono = audio_io.downmix(wave)
-    finite = torch.isfinite(mono)
+    wave = wave.float()
+    finite = torch.isfinite(wave)
     if not bool(finite.all()):
         what = "all samples are" if not bool(finite.any()) else f"{int((~finite).sum())} samples are"
         raise InputError(f"{source}: {what} NaN or infinite; audio must be finite")
-    wave16 = audio_io.resample(mono, sr, audio_io.SAMPLE_RATE)
+    # the reference resamples every channel, then averages them
+    chans = wave[:, None] if wave.dim() == 1 else wave
+    wave16 = audio_io.downmix(torch.stack([audio_io.resample(chans[:, c], sr, audio_io.SAMPLE_RATE)
+                                           for c in range(chans.shape[1])], 1))
+    if wave16.shape[0] < audio_io.N_FFT:
+        raise InputError(f"{source}: {seconds * 1000:.1f} ms of audio is too short (at least {audio_io.N_FFT} "
+                         f"samples at {audio_io.SAMPLE_RATE} Hz are needed)")
     n_mels = cfg.num_mel_bins
     h = hashlib.sha256()
-    h.update(digest_bytes if digest_bytes is not None else mono.contiguous().numpy().tobytes() + f"|{sr}".encode())
+    h.update(digest_bytes if digest_bytes is not None else wave.contiguous().numpy().tobytes() + f"|{sr}".encode())
     h.update(_params_tag(n_mels))
     item = AudioInput(source=source, wave=wave16, digest=h.hexdigest(), pieces=split_pieces(wave16.shape[0]),
                       n_mels=n_mels)
+    if item.n_tokens == 0:
+        raise InputError(f"{source}: {seconds * 1000:.1f} ms of audio is too short to make one audio token "
+                         f"(at least 960 samples at {audio_io.SAMPLE_RATE} Hz, 60 ms)")
     if max_tokens is not None and item.n_tokens > max_tokens:
         raise InputError(f"{source}: {seconds:.1f} s of audio makes {item.n_tokens} audio tokens, more than the "
                          f"{max_tokens} the context has room for")

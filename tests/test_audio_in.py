@@ -103,6 +103,12 @@ def test_lengths_follow_the_reference():
     item = audio_in.audio_from_wave(torch.zeros(16000 * 31), 16000, cfg)
     assert item.pieces == [(0, 480000), (480000, 496000)]
     assert item.n_tokens == 375 + 12
+    # as the reference splits: a last piece under n_fft (400 samples) is dropped, one under 960 samples makes
+    # no token and is skipped; audio up to 30 s is a single piece
+    assert audio_in.split_pieces(480000 + 399) == [(0, 480000)]
+    assert audio_in.split_pieces(480000 + 959) == [(0, 480000)]
+    assert audio_in.split_pieces(480000 + 960) == [(0, 480000), (480000, 480960)]
+    assert audio_in.split_pieces(960) == [(0, 960)] and audio_in.split_pieces(959) == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,10 +307,14 @@ def test_bad_inputs_give_one_line_input_errors(tmp_path, tiny):
     cases["too many tokens"] = (tmp_path / "long.wav", {"max_tokens": 10}, "more than the 10")
     sf.write(str(tmp_path / "slow.wav"), np.zeros((4000, 1), np.float32), 4000, subtype="PCM_16")
     cases["rate too low"] = (tmp_path / "slow.wav", {}, "8000-192000 Hz")
+    sf.write(str(tmp_path / "blip.wav"), np.zeros((300, 1), np.float32), 16000, subtype="PCM_16")
+    cases["under one STFT window"] = (tmp_path / "blip.wav", {}, "too short")
+    sf.write(str(tmp_path / "click.wav"), np.zeros((700, 2), np.float32), 16000, subtype="PCM_16")
+    cases["under one token"] = (tmp_path / "click.wav", {}, "one audio token")
     for what, (path, kw, words) in cases.items():
         with pytest.raises(InputError) as e:
             audio_in.load_audio(path, a, **kw)
         msg = str(e.value)
         assert isinstance(e.value, ValueError) and "\n" not in msg, what
         assert os.path.basename(path) in msg and words in msg, (what, msg)
-    assert len(cases) == 10
+    assert len(cases) == 12
