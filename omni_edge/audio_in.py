@@ -267,26 +267,27 @@ class AudioBridge(torch.nn.Module):
         super().__init__()
         big = d * pool
         self.pool = pool
-        self.gate_proj = torch.nn.Parameter(torch.zeros(big, d, pool))  # gate_proj.weight (5120, 1280, 4)
-        self.up_proj = torch.nn.Parameter(torch.zeros(big, d, pool))  # up_proj.weight (5120, 1280, 4)
+        # gate_proj.weight / up_proj.weight (5120, 1280, 4) conv kernels, held as GEMM weights (5120, 4 * 1280)
+        # with column k * d + c = kernel[:, c, k] (conversion once, in load_bridge / gemm_weight)
+        self.gate_proj = torch.nn.Linear(pool * d, big, bias=False)
+        self.up_proj = torch.nn.Linear(pool * d, big, bias=False)
         self.down_proj = torch.nn.Linear(big, big, bias=False)  # down_proj.weight (5120, 5120)
         self.layer_norm = torch.nn.LayerNorm(big, eps=LN_EPS)  # layer_norm (5120,)
 
-    def _gemm_weight(self, w: torch.Tensor) -> torch.Tensor:
-        # conv weight (big, d, k) applied at stride k == linear on x4[j] = [x[4j], ..., x[4j+3]] with (big, k*d)
-        return w.permute(0, 2, 1).reshape(w.shape[0], -1)
+    @staticmethod
+    def gemm_weight(w: torch.Tensor) -> torch.Tensor:
+        """Conv1d weight (big, d, k) applied at stride k -> linear weight (big, k * d) on x4[j] = [x[kj], ...]."""
+        return w.permute(0, 2, 1).reshape(w.shape[0], -1).contiguous()
 
     def grouped(self, x4: torch.Tensor) -> torch.Tensor:
         """x4 (..., G, pool * d) -> (..., G, pool * d)."""
-        g = F.linear(x4, self._gemm_weight(self.gate_proj))
-        u = F.linear(x4, self._gemm_weight(self.up_proj))
-        c = self.down_proj(F.silu(g) * u)
+        c = self.down_proj(F.silu(self.gate_proj(x4)) * self.up_proj(x4))
         return self.layer_norm(c + x4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """One piece (T, d) -> (T // pool, pool * d): pad to a multiple of pool, compute, drop the padded group."""
         t, d = x.shape
-        pad = (-t) % self.pool
+        pad = (-t) % self.pool  # zero frames up to a whole group
         x4 = F.pad(x, (0, 0, 0, pad)).reshape(-1, self.pool * d)
         return self.grouped(x4)[: t // self.pool]
 
@@ -316,7 +317,8 @@ def load_bridge(tensors: dict, a: AudioConfig) -> AudioBridge:
     """The bridge from checkpoint tensors (names of checkpoint.stage_specs "audio_bridge")."""
     q = "audio_tokenizer.audio_bridge_model."
     bridge = AudioBridge(a.d_model, a.avg_pooler)
-    bridge.load_state_dict({"gate_proj": tensors[q + "gate_proj.weight"], "up_proj": tensors[q + "up_proj.weight"],
+    bridge.load_state_dict({"gate_proj.weight": AudioBridge.gemm_weight(tensors[q + "gate_proj.weight"]),
+                            "up_proj.weight": AudioBridge.gemm_weight(tensors[q + "up_proj.weight"]),
                             "down_proj.weight": tensors[q + "down_proj.weight"],
                             "layer_norm.weight": tensors[q + "layer_norm.weight"],
                             "layer_norm.bias": tensors[q + "layer_norm.bias"]}, strict=True)
@@ -380,11 +382,11 @@ class AudioEncoderStage(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.bridge.gate_proj.device
+        return self.bridge.gate_proj.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.bridge.gate_proj.dtype
+        return self.bridge.gate_proj.weight.dtype
 
     def describe(self) -> str:
         how = self.pick.describe() if self.pick is not None else "torch (built directly)"
@@ -412,20 +414,21 @@ class AudioEncoderStage(torch.nn.Module):
         return [torch.cat(p, 0) if p else torch.zeros(0, self.cfg.bridge_dim) for p in per]
 
     def _run_graph(self, mels: List[torch.Tensor]) -> List[torch.Tensor]:
-        out = []
-        for m in mels:  # one piece per run: the graph's batch is dynamic, but pieces differ in length
-            mel, mask, bias = padded_inputs([m])
-            np_dtype = torch.float16 if self.pick.precision == "float16" else torch.float32
-            (y,) = self._graph.run(mel=mel.to(np_dtype), mel_mask=mask.to(np_dtype), key_bias=bias.to(np_dtype))
-            out.append(y[0, : piece_lengths_from_frames(m.shape[1])].float().to(self.device))
-        return out
+        """All pieces in one run: padded to the longest (a multiple of 8 frames), the masks keep them apart."""
+        mel, mask, bias = padded_inputs(mels)
+        dt = torch.float16 if self.pick.precision == "float16" else torch.float32
+        (y,) = self._graph.run(mel=mel.to(dt), mel_mask=mask.to(dt), key_bias=bias.to(dt))
+        return [y[i, : piece_lengths_from_frames(m.shape[1])].float().to(self.device) for i, m in enumerate(mels)]
 
     def codes(self, items: Sequence[AudioInput]) -> List[torch.Tensor]:
-        """(n_tokens, num_codebooks) int64 per item."""
+        """(n_tokens, num_codebooks) int64 per item; one RVQ search over every item's frames."""
         from omni_edge.ops import rvq
 
         feats = self.features(items)
-        return [rvq.encode(f.to(self.books.device), self.books) for f in feats]
+        if not feats:
+            return []
+        codes = rvq.encode(torch.cat(feats, 0).to(self.books.device), self.books)
+        return list(codes.split([f.shape[0] for f in feats], 0))
 
 
 def piece_lengths_from_frames(frames: int) -> int:
