@@ -16,7 +16,6 @@ conv + 8 x (4-layer time - conv). Usage:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -59,8 +58,9 @@ def build_weights(layers: int):
     from omni_edge.testing import random_tensor, sinusoids
 
     p = "audio_tokenizer.audio_model."
-    t = {p + "conv1.weight": (D_MODEL, MELS, 3), p + "conv1.bias": (D_MODEL,), p + "conv2.weight": (D_MODEL, D_MODEL, 3),
-         p + "conv2.bias": (D_MODEL,), p + "layer_norm.weight": (D_MODEL,), p + "layer_norm.bias": (D_MODEL,)}
+    t = {p + "conv1.weight": (D_MODEL, MELS, 3), p + "conv1.bias": (D_MODEL,),
+         p + "conv2.weight": (D_MODEL, D_MODEL, 3), p + "conv2.bias": (D_MODEL,),
+         p + "layer_norm.weight": (D_MODEL,), p + "layer_norm.bias": (D_MODEL,)}
     for n in range(layers):
         q = f"{p}layers.{n}."
         for name in ("q_proj", "v_proj", "out_proj"):

@@ -3,7 +3,8 @@
 (done by the pipeline).
 
 - `load_audio(path, cfg, *, max_seconds=600, max_tokens=None) -> AudioInput`: decode (omni_edge.audio_io),
-  downmix, resample to 16 kHz, split into 30 s pieces; `n_tokens` comes from the sample counts alone.
+  resample every channel to 16 kHz, downmix, split into 30 s pieces; `n_tokens` comes from the sample counts
+  alone. `audio_from_wave(wave, sample_rate, cfg, ...)` does the same for samples in memory.
 - `AudioEncoderStage.from_checkpoint(ckpt, cfg, *, device, dtype, backend, bundle_dir, manifest, threads)`:
   `codes(items) -> [ (n_tokens, 8) int64 ]`, `features(items)` (the bridge output, (n_tokens, 5120) fp32),
   `describe()`.
@@ -20,7 +21,6 @@ a frame mask and an additive key mask: the form the ONNX export uses.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -350,15 +350,18 @@ def padded_inputs(mels: Sequence[torch.Tensor], frames: Optional[int] = None):
 class AudioEncoderStage(torch.nn.Module):
     """Encoder + bridge + RVQ codebooks on one device and dtype; the encoder+bridge may run as an ONNX graph."""
 
-    def __init__(self, cfg: AudioConfig, encoder: AudioEncoder, bridge: AudioBridge, codebooks: List[torch.Tensor],
-                 *, pick=None, threads: Optional[int] = None):
+    def __init__(self, cfg: AudioConfig, encoder: Optional[AudioEncoder], bridge: Optional[AudioBridge],
+                 codebooks: List[torch.Tensor], *, pick=None, threads: Optional[int] = None, device="cpu",
+                 dtype=torch.float32):
         super().__init__()
         from omni_edge.ops import rvq
 
         self.cfg = cfg
-        self.encoder = encoder
+        self.encoder = encoder  # None when the ONNX graph runs the encoder and bridge
         self.bridge = bridge
-        self.books = rvq.Codebooks([c.float().contiguous() for c in codebooks])  # vq_list.{l}.codebook.embed (n_l, 5120)
+        self._device, self._dtype = torch.device(device), dtype
+        # vq_list.{l}.codebook.embed (n_l, 5120) fp32: the search is always fp32 (MODEL.md §1.10)
+        self.books = rvq.Codebooks([c.float().contiguous() for c in codebooks])
         self.pick = pick
         self._graph = pick.open(threads=threads) if pick is not None and pick.kind == "onnx" else None
 
@@ -371,22 +374,26 @@ class AudioEncoderStage(torch.nn.Module):
         if a is None:
             raise ValueError("audio encoder: the checkpoint's config has no audio_config")
         device = torch.device(device)
-        tensors = {**ckpt.stage_tensors("audio_encoder", dtype=dtype), **ckpt.stage_tensors("audio_bridge", dtype=dtype)}
-        enc, bridge = load_encoder(tensors, a), load_bridge(tensors, a)
+        pick = backends.resolve("audio_encoder", backend, bundle_dir, manifest, str(device), str(dtype))
+        enc = bridge = None
+        if pick.kind == "torch":  # the graph holds its own weights: load the torch modules only when they run
+            tensors = {**ckpt.stage_tensors("audio_encoder", dtype=dtype),
+                       **ckpt.stage_tensors("audio_bridge", dtype=dtype)}
+            enc = load_encoder(tensors, a).to(device=device, dtype=dtype)
+            bridge = load_bridge(tensors, a).to(device=device, dtype=dtype)
         books = [ckpt.get(f"audio_tokenizer.audio_bridge_model.vq_list.{i}.codebook.embed", dtype=torch.float32)
                  for i in range(len(a.codebook_sizes))]
-        pick = backends.resolve("audio_encoder", backend, bundle_dir, manifest, str(device), str(dtype))
-        stage = cls(a, enc.to(device=device, dtype=dtype), bridge.to(device=device, dtype=dtype),
-                    [b.to(device) for b in books], pick=pick, threads=threads)
+        stage = cls(a, enc, bridge, [b.to(device) for b in books], pick=pick, threads=threads, device=device,
+                    dtype=dtype)
         return stage.eval()
 
     @property
     def device(self) -> torch.device:
-        return self.bridge.gate_proj.weight.device
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.bridge.gate_proj.weight.dtype
+        return self._dtype
 
     def describe(self) -> str:
         how = self.pick.describe() if self.pick is not None else "torch (built directly)"
