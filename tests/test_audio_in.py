@@ -340,3 +340,13 @@ def test_bad_inputs_give_one_line_input_errors(tmp_path, tiny):
         assert isinstance(e.value, ValueError) and "\n" not in msg, what
         assert os.path.basename(path) in msg and words in msg, (what, msg)
     assert len(cases) == 12
+
+
+def test_audio_modules_import_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, omni_edge.audio_in, omni_edge.audio_io; print([m for m in ('transformers', 'onnx', "
+            "'onnxruntime', 'av', 'soundfile', 'tensorrt') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout  # decoders and oracles load only when a file is read
