@@ -16,7 +16,6 @@ conv + 8 x (4-layer time - conv). Usage:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -59,8 +58,9 @@ def build_weights(layers: int):
     from omni_edge.testing import random_tensor, sinusoids
 
     p = "audio_tokenizer.audio_model."
-    t = {p + "conv1.weight": (D_MODEL, MELS, 3), p + "conv1.bias": (D_MODEL,), p + "conv2.weight": (D_MODEL, D_MODEL, 3),
-         p + "conv2.bias": (D_MODEL,), p + "layer_norm.weight": (D_MODEL,), p + "layer_norm.bias": (D_MODEL,)}
+    t = {p + "conv1.weight": (D_MODEL, MELS, 3), p + "conv1.bias": (D_MODEL,),
+         p + "conv2.weight": (D_MODEL, D_MODEL, 3), p + "conv2.bias": (D_MODEL,),
+         p + "layer_norm.weight": (D_MODEL,), p + "layer_norm.bias": (D_MODEL,)}
     for n in range(layers):
         q = f"{p}layers.{n}."
         for name in ("q_proj", "v_proj", "out_proj"):
@@ -157,9 +157,14 @@ def main():
         feats = torch.cat([bridge(e) for e in enc(mels)]).float().contiguous()
         tokens = feats.shape[0]
         flops = 2.0 * tokens * feats.shape[1] * sum(SIZES)
+        # the ceiling, measured right beside: torch fp32 matmul of the same frames against the largest codebook
+        big = books.tensors[0]
+        mm = timeit(lambda: feats @ big.t(), args.repeat)
+        mm_rate = 2.0 * tokens * feats.shape[1] * big.shape[0] / mm[0] / 1e9
         r = timeit(lambda: rvq.encode(feats, books), args.repeat)
+        print(f"{'':>6} | {f'matmul {tokens}x5120 @ 5120x8192':<34} | {fmt(mm):>36} | {mm_rate:.1f} GFLOP/s")
         print(f"{'':>6} | {f'RVQ encode ({tokens} tokens, {flops / 1e9:.1f} GFLOP)':<34} | {fmt(r):>36} | "
-              f"{flops / r[0] / 1e9:.1f} GFLOP/s = {flops / r[0] / 1e9 / rate:.0%} of matmul")
+              f"{flops / r[0] / 1e9:.1f} GFLOP/s = {flops / r[0] / 1e9 / mm_rate:.0%} of that matmul")
 
         def cdist_peer():
             res = feats.clone()

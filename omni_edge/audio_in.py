@@ -3,7 +3,8 @@
 (done by the pipeline).
 
 - `load_audio(path, cfg, *, max_seconds=600, max_tokens=None) -> AudioInput`: decode (omni_edge.audio_io),
-  downmix, resample to 16 kHz, split into 30 s pieces; `n_tokens` comes from the sample counts alone.
+  resample every channel to 16 kHz, downmix, split into 30 s pieces; `n_tokens` comes from the sample counts
+  alone. `audio_from_wave(wave, sample_rate, cfg, ...)` does the same for samples in memory.
 - `AudioEncoderStage.from_checkpoint(ckpt, cfg, *, device, dtype, backend, bundle_dir, manifest, threads)`:
   `codes(items) -> [ (n_tokens, 8) int64 ]`, `features(items)` (the bridge output, (n_tokens, 5120) fp32),
   `describe()`.
@@ -19,11 +20,9 @@ a frame mask and an additive key mask: the form the ONNX export uses.
 
 from __future__ import annotations
 
-import time
-
 import hashlib
-import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -55,8 +54,15 @@ def piece_lengths(samples: int) -> Tuple[int, int, int]:
 
 
 def split_pieces(n: int) -> List[Tuple[int, int]]:
-    """[start, end) sample ranges of the 30 s pieces (no overlap, the last one shorter)."""
-    return [(s, min(n, s + audio_io.CHUNK_SAMPLES)) for s in range(0, n, audio_io.CHUNK_SAMPLES)]
+    """[start, end) sample ranges of the pieces that make tokens, as the reference processor splits: audio up to
+    30 s is one piece; longer audio is cut into 30 s pieces (no overlap), a last piece shorter than n_fft (400
+    samples) is dropped, and pieces whose bridge length is 0 (under 960 samples) are skipped."""
+    if n <= audio_io.CHUNK_SAMPLES:
+        cuts = [(0, n)]
+    else:
+        cuts = [(s, min(n, s + audio_io.CHUNK_SAMPLES)) for s in range(0, n, audio_io.CHUNK_SAMPLES)]
+        cuts = [(s, e) for s, e in cuts if e - s >= audio_io.N_FFT]
+    return [(s, e) for s, e in cuts if piece_lengths(e - s)[2] > 0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,18 +118,27 @@ def audio_from_wave(wave: torch.Tensor, sample_rate: int, cfg: AudioConfig, *, s
     seconds = wave.shape[0] / sr
     if seconds > max_seconds:
         raise InputError(f"{source}: {seconds:.1f} s of audio is longer than the limit of {max_seconds:g} s")
-    mono = audio_io.downmix(wave)
-    finite = torch.isfinite(mono)
+    wave = wave.float()
+    finite = torch.isfinite(wave)
     if not bool(finite.all()):
         what = "all samples are" if not bool(finite.any()) else f"{int((~finite).sum())} samples are"
         raise InputError(f"{source}: {what} NaN or infinite; audio must be finite")
-    wave16 = audio_io.resample(mono, sr, audio_io.SAMPLE_RATE)
+    # the reference resamples every channel, then averages them
+    chans = wave[:, None] if wave.dim() == 1 else wave
+    wave16 = audio_io.downmix(torch.stack([audio_io.resample(chans[:, c], sr, audio_io.SAMPLE_RATE)
+                                           for c in range(chans.shape[1])], 1))
+    if wave16.shape[0] < audio_io.N_FFT:
+        raise InputError(f"{source}: {seconds * 1000:.1f} ms of audio is too short (at least {audio_io.N_FFT} "
+                         f"samples at {audio_io.SAMPLE_RATE} Hz are needed)")
     n_mels = cfg.num_mel_bins
     h = hashlib.sha256()
-    h.update(digest_bytes if digest_bytes is not None else mono.contiguous().numpy().tobytes() + f"|{sr}".encode())
+    h.update(digest_bytes if digest_bytes is not None else wave.contiguous().numpy().tobytes() + f"|{sr}".encode())
     h.update(_params_tag(n_mels))
     item = AudioInput(source=source, wave=wave16, digest=h.hexdigest(), pieces=split_pieces(wave16.shape[0]),
                       n_mels=n_mels)
+    if item.n_tokens == 0:
+        raise InputError(f"{source}: {seconds * 1000:.1f} ms of audio is too short to make one audio token "
+                         f"(at least 960 samples at {audio_io.SAMPLE_RATE} Hz, 60 ms)")
     if max_tokens is not None and item.n_tokens > max_tokens:
         raise InputError(f"{source}: {seconds:.1f} s of audio makes {item.n_tokens} audio tokens, more than the "
                          f"{max_tokens} the context has room for")
@@ -253,26 +268,27 @@ class AudioBridge(torch.nn.Module):
         super().__init__()
         big = d * pool
         self.pool = pool
-        self.gate_proj = torch.nn.Parameter(torch.zeros(big, d, pool))  # gate_proj.weight (5120, 1280, 4)
-        self.up_proj = torch.nn.Parameter(torch.zeros(big, d, pool))  # up_proj.weight (5120, 1280, 4)
+        # gate_proj.weight / up_proj.weight (5120, 1280, 4) conv kernels, held as GEMM weights (5120, 4 * 1280)
+        # with column k * d + c = kernel[:, c, k] (conversion once, in load_bridge / gemm_weight)
+        self.gate_proj = torch.nn.Linear(pool * d, big, bias=False)
+        self.up_proj = torch.nn.Linear(pool * d, big, bias=False)
         self.down_proj = torch.nn.Linear(big, big, bias=False)  # down_proj.weight (5120, 5120)
         self.layer_norm = torch.nn.LayerNorm(big, eps=LN_EPS)  # layer_norm (5120,)
 
-    def _gemm_weight(self, w: torch.Tensor) -> torch.Tensor:
-        # conv weight (big, d, k) applied at stride k == linear on x4[j] = [x[4j], ..., x[4j+3]] with (big, k*d)
-        return w.permute(0, 2, 1).reshape(w.shape[0], -1)
+    @staticmethod
+    def gemm_weight(w: torch.Tensor) -> torch.Tensor:
+        """Conv1d weight (big, d, k) applied at stride k -> linear weight (big, k * d) on x4[j] = [x[kj], ...]."""
+        return w.permute(0, 2, 1).reshape(w.shape[0], -1).contiguous()
 
     def grouped(self, x4: torch.Tensor) -> torch.Tensor:
         """x4 (..., G, pool * d) -> (..., G, pool * d)."""
-        g = F.linear(x4, self._gemm_weight(self.gate_proj))
-        u = F.linear(x4, self._gemm_weight(self.up_proj))
-        c = self.down_proj(F.silu(g) * u)
+        c = self.down_proj(F.silu(self.gate_proj(x4)) * self.up_proj(x4))
         return self.layer_norm(c + x4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """One piece (T, d) -> (T // pool, pool * d): pad to a multiple of pool, compute, drop the padded group."""
         t, d = x.shape
-        pad = (-t) % self.pool
+        pad = (-t) % self.pool  # zero frames up to a whole group
         x4 = F.pad(x, (0, 0, 0, pad)).reshape(-1, self.pool * d)
         return self.grouped(x4)[: t // self.pool]
 
@@ -302,7 +318,8 @@ def load_bridge(tensors: dict, a: AudioConfig) -> AudioBridge:
     """The bridge from checkpoint tensors (names of checkpoint.stage_specs "audio_bridge")."""
     q = "audio_tokenizer.audio_bridge_model."
     bridge = AudioBridge(a.d_model, a.avg_pooler)
-    bridge.load_state_dict({"gate_proj": tensors[q + "gate_proj.weight"], "up_proj": tensors[q + "up_proj.weight"],
+    bridge.load_state_dict({"gate_proj.weight": AudioBridge.gemm_weight(tensors[q + "gate_proj.weight"]),
+                            "up_proj.weight": AudioBridge.gemm_weight(tensors[q + "up_proj.weight"]),
                             "down_proj.weight": tensors[q + "down_proj.weight"],
                             "layer_norm.weight": tensors[q + "layer_norm.weight"],
                             "layer_norm.bias": tensors[q + "layer_norm.bias"]}, strict=True)
@@ -334,15 +351,18 @@ def padded_inputs(mels: Sequence[torch.Tensor], frames: Optional[int] = None):
 class AudioEncoderStage(torch.nn.Module):
     """Encoder + bridge + RVQ codebooks on one device and dtype; the encoder+bridge may run as an ONNX graph."""
 
-    def __init__(self, cfg: AudioConfig, encoder: AudioEncoder, bridge: AudioBridge, codebooks: List[torch.Tensor],
-                 *, pick=None, threads: Optional[int] = None):
+    def __init__(self, cfg: AudioConfig, encoder: Optional[AudioEncoder], bridge: Optional[AudioBridge],
+                 codebooks: List[torch.Tensor], *, pick=None, threads: Optional[int] = None, device="cpu",
+                 dtype=torch.float32):
         super().__init__()
         from omni_edge.ops import rvq
 
         self.cfg = cfg
-        self.encoder = encoder
+        self.encoder = encoder  # None when the ONNX graph runs the encoder and bridge
         self.bridge = bridge
-        self.books = rvq.Codebooks([c.float().contiguous() for c in codebooks])  # vq_list.{l}.codebook.embed (n_l, 5120)
+        self._device, self._dtype = torch.device(device), dtype
+        # vq_list.{l}.codebook.embed (n_l, 5120) fp32: the search is always fp32 (MODEL.md §1.10)
+        self.books = rvq.Codebooks([c.float().contiguous() for c in codebooks])
         self.pick = pick
         self._graph = pick.open(threads=threads) if pick is not None and pick.kind == "onnx" else None
 
@@ -355,22 +375,26 @@ class AudioEncoderStage(torch.nn.Module):
         if a is None:
             raise ValueError("audio encoder: the checkpoint's config has no audio_config")
         device = torch.device(device)
-        tensors = {**ckpt.stage_tensors("audio_encoder", dtype=dtype), **ckpt.stage_tensors("audio_bridge", dtype=dtype)}
-        enc, bridge = load_encoder(tensors, a), load_bridge(tensors, a)
+        pick = backends.resolve("audio_encoder", backend, bundle_dir, manifest, str(device), str(dtype))
+        enc = bridge = None
+        if pick.kind == "torch":  # the graph holds its own weights: load the torch modules only when they run
+            tensors = {**ckpt.stage_tensors("audio_encoder", dtype=dtype),
+                       **ckpt.stage_tensors("audio_bridge", dtype=dtype)}
+            enc = load_encoder(tensors, a).to(device=device, dtype=dtype)
+            bridge = load_bridge(tensors, a).to(device=device, dtype=dtype)
         books = [ckpt.get(f"audio_tokenizer.audio_bridge_model.vq_list.{i}.codebook.embed", dtype=torch.float32)
                  for i in range(len(a.codebook_sizes))]
-        pick = backends.resolve("audio_encoder", backend, bundle_dir, manifest, str(device), str(dtype))
-        stage = cls(a, enc.to(device=device, dtype=dtype), bridge.to(device=device, dtype=dtype),
-                    [b.to(device) for b in books], pick=pick, threads=threads)
+        stage = cls(a, enc, bridge, [b.to(device) for b in books], pick=pick, threads=threads, device=device,
+                    dtype=dtype)
         return stage.eval()
 
     @property
     def device(self) -> torch.device:
-        return self.bridge.gate_proj.device
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.bridge.gate_proj.dtype
+        return self._dtype
 
     def describe(self) -> str:
         how = self.pick.describe() if self.pick is not None else "torch (built directly)"
@@ -402,23 +426,23 @@ class AudioEncoderStage(torch.nn.Module):
         return [torch.cat(p, 0) if p else torch.zeros(0, self.cfg.bridge_dim) for p in per]
 
     def _run_graph(self, mels: List[torch.Tensor]) -> List[torch.Tensor]:
-        out = []
-        for m in mels:  # one piece per run: the graph's batch is dynamic, but pieces differ in length
-            mel, mask, bias = padded_inputs([m])
-            np_dtype = torch.float16 if self.pick.precision == "float16" else torch.float32
-            (y,) = self._graph.run(mel=mel.to(np_dtype), mel_mask=mask.to(np_dtype), key_bias=bias.to(np_dtype))
-            out.append(y[0, : piece_lengths_from_frames(m.shape[1])].float().to(self.device))
-        return out
+        """All pieces in one run: padded to the longest (a multiple of 8 frames), the masks keep them apart."""
+        mel, mask, bias = padded_inputs(mels)
+        dt = torch.float16 if self.pick.precision == "float16" else torch.float32
+        (y,) = self._graph.run(mel=mel.to(dt), mel_mask=mask.to(dt), key_bias=bias.to(dt))
+        return [y[i, : piece_lengths_from_frames(m.shape[1])].float().to(self.device) for i, m in enumerate(mels)]
 
     def codes(self, items: Sequence[AudioInput]) -> List[torch.Tensor]:
-        """(n_tokens, num_codebooks) int64 per item."""
+        """(n_tokens, num_codebooks) int64 per item; one RVQ search over every item's frames."""
         from omni_edge.ops import rvq
 
         feats = self.features(items)
+        if not feats:
+            return []
         t0 = time.perf_counter()
-        out = [rvq.encode(f.to(self.books.device), self.books) for f in feats]
+        codes = rvq.encode(torch.cat(feats, 0).to(self.books.device), self.books)
         self.timings["rvq_s"] = time.perf_counter() - t0
-        return out
+        return list(codes.split([f.shape[0] for f in feats], 0))
 
 
 def piece_lengths_from_frames(frames: int) -> int:

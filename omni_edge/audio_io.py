@@ -1,4 +1,4 @@
-"""Audio front end: decode a file, downmix, resample to 16 kHz, Whisper-style log-mel (MODEL.md §1.4).
+"""Audio front end: decode a file, resample to 16 kHz, downmix, Whisper-style log-mel (MODEL.md §1.4).
 
 - `read_audio(path) -> (wave (n, channels) fp32, sample_rate)`: wav / flac / ogg through soundfile, everything
   else (mp3, m4a, webm, ...) through PyAV. Integer PCM of 8/16/24/32 bits and float data are returned as fp32

@@ -79,7 +79,8 @@ def read_ct2(path) -> Tuple[Dict[str, torch.Tensor], str]:
             raise ValueError(f"{path}: variable {name} {dims} {dtype} does not match its {nbytes} bytes")
         raw = bytearray(b[pos:pos + nbytes])
         pos += nbytes
-        t = torch.frombuffer(raw, dtype=getattr(torch, dtype)) if nbytes else torch.empty(0, dtype=getattr(torch, dtype))
+        tdt = getattr(torch, dtype)
+        t = torch.frombuffer(raw, dtype=tdt) if nbytes else torch.empty(0, dtype=tdt)
         out[name] = t.reshape(dims)
     for _ in range(take("<I")):
         alias, target = string(), string()

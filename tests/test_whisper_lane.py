@@ -6,7 +6,7 @@ Skipped only when the packages (or espeak-ng) are missing."""
 import pytest
 import torch
 
-from omni_edge import audio_in, audio_io, testing_audio as ta
+from omni_edge import audio_in, testing_audio as ta
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 
