@@ -9,12 +9,72 @@ a bundle's manifest, so write a bundle first with `omni-edge quantize`.
 
 from __future__ import annotations
 
-import importlib
+import warnings
 from pathlib import Path
 
-# --stages name -> module in this package defining `export(ctx) -> List[GraphFile]`.
+def _vision(ctx):
+    from . import vision
+
+    return vision.export(ctx)
+
+
+def _graph_files(stage_entries, precision: str):
+    """GraphFile records of the entries the standalone stage exporters return ({stage: entry})."""
+    from .common import GraphFile
+
+    out = []
+    for stage, entry in stage_entries.items():
+        if "file" not in entry:
+            continue  # e.g. an fp16 graph that missed its error bound: not written
+        rest = {k: v for k, v in entry.items() if k not in ("file", "data", "inputs", "outputs", "opset", "parity",
+                                                            "precision")}
+        out.append(GraphFile(stage=stage, precision=precision, file=entry["file"], data=list(entry.get("data", [])),
+                             inputs=list(entry["inputs"]), outputs=list(entry["outputs"]), opset=entry["opset"],
+                             parity=entry.get("parity", {}), extra=rest))
+    return out
+
+
+def _audio_encoder(ctx):
+    from . import audio_encoder
+
+    graphs = []
+    for precision in ctx.precisions:
+        ctx.log(f"audio_encoder: exporting {precision}")
+        entry = audio_encoder.export(ctx.bundle_dir, None, precision, threads=ctx.threads)
+        graphs += _graph_files({"audio_encoder": entry}, precision)
+    return graphs
+
+
+def _speech(ctx):
+    import torch
+
+    from omni_edge.speech import SpeechDecoder
+    from omni_edge.vocoder import Vocoder
+
+    from . import speech
+
+    decoder = SpeechDecoder.from_checkpoint(ctx.ckpt, ctx.config, dtype=torch.float32, backend="torch")
+    vocoder_file = ctx.bundle_dir / "vocoder.safetensors"
+    vocoder = Vocoder.from_file(vocoder_file) if vocoder_file.is_file() else None
+    if vocoder is None:
+        ctx.log("speech: the bundle has no vocoder.safetensors: the vocoder graph is skipped")
+    graphs = []
+    for precision in ctx.precisions:
+        ctx.log(f"speech: exporting {precision}")
+        entries = speech.export(ctx.bundle_dir, None, precision, speech=decoder, vocoder=vocoder)
+        for stage, by_prec in entries.items():
+            entry = by_prec.get(precision, {})
+            if "skipped" in entry:
+                ctx.log(f"speech: {stage} {precision} not written: {entry['skipped']}")
+            graphs += _graph_files({stage: entry}, precision)
+    return graphs
+
+
+# --stages name -> exporter `(ctx) -> List[GraphFile]` (each writes its graphs into the bundle folder).
 STAGES = {
-    "vision": "vision",
+    "vision": _vision,
+    "audio_encoder": _audio_encoder,
+    "speech": _speech,
 }
 PRECISIONS = ("float32", "float16")
 
@@ -64,8 +124,9 @@ def export_bundle(bundle_dir, stages=("vision",), precisions=PRECISIONS, *, opse
     graphs = []
     try:
         for stage in stages:
-            module = importlib.import_module(f".{STAGES[stage]}", __package__)
-            graphs += module.export(ctx)
+            with warnings.catch_warnings():  # the tracer's notes on constant folding and Python scalars
+                warnings.simplefilter("ignore")
+                graphs += STAGES[stage](ctx)
     finally:
         ckpt.close()
     return write_manifest(root, graphs)
