@@ -1,6 +1,6 @@
 """Speech decode chain at the released sizes (random weights): real-time factor per stage and end to end.
 
-    python benchmarks/bench_speech.py [--codes 25 50] [--threads 1] [--reps 3] [--skip-peer]
+    python benchmarks/bench_speech.py [--codes 30 60] [--threads 1] [--reps 3] [--skip-peer]
 
 (One thread by default: on a machine shared with other jobs, OpenMP threads that wait for each other at
 every op make 2-thread runs slower and noisier than 1-thread runs.)
@@ -75,7 +75,7 @@ def row(name, secs, ours, peer=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--codes", type=int, nargs="+", default=[25, 50])
+    ap.add_argument("--codes", type=int, nargs="+", default=[30, 60])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-peer", action="store_true")
