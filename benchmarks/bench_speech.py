@@ -19,8 +19,9 @@ masks multiplied in and an additive finfo.min chunk bias, plain softmax attentio
 from g/v at every call. For streaming the peer is what the reference demo does: wait for the clause's EOS and
 decode it whole (its time to first audio is the whole chain after the last code).
 
-RTF = compute seconds / seconds of speech (lower is better; < 1 is faster than real time). Median of --reps
-runs after one warm-up; min and max shown. The machine is shared, so absolute times move between runs; the
+RTF = compute seconds / seconds of speech (lower is better; < 1 is faster than real time). Ours and the
+peer run alternately (one warm-up each, then --reps rounds); medians, with min and max for ours; the
+chain row sums the stage medians. The machine is shared, so absolute times move between runs; the
 ratios come from the same run.
 """
 
@@ -41,6 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from omni_edge.config import parse_config  # noqa: E402
+from omni_edge.flow import cfm_solve  # noqa: E402
 from omni_edge.speech import NoiseBuffer, SpeechDecoder, SpeechStream, mel_frames  # noqa: E402
 from omni_edge.testing import random_tensors, reference_config, write_tiny_vocoder  # noqa: E402
 from omni_edge.vocoder import Vocoder, VocoderNoise  # noqa: E402
@@ -53,15 +55,26 @@ def _load(name):
     return mod
 
 
-def timed(fn, reps):
+def ab(ours, peer, reps):
+    """Time `ours` and `peer` alternately (one warm-up each, then reps rounds of ours, peer), so load changes
+    on the shared machine hit both alike. Returns (median, min, max) for each; peer None -> (stats, None)."""
     with torch.no_grad():
-        fn()  # warm-up
-        ts = []
+        ours()
+        if peer is not None:
+            peer()
+        a, b = [], []
         for _ in range(reps):
             t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), min(ts), max(ts)
+            ours()
+            a.append(time.perf_counter() - t0)
+            if peer is not None:
+                t0 = time.perf_counter()
+                peer()
+                b.append(time.perf_counter() - t0)
+
+    def stats(ts):
+        return statistics.median(ts), min(ts), max(ts)
+    return stats(a), (stats(b) if b else None)
 
 
 def row(name, secs, ours, peer=None):
@@ -117,7 +130,7 @@ def main():
         noise = VocoderNoise(0)
         phase, sn = noise.phase(), noise.take(0, frames * 480)
 
-        peer_mu = peer_cfm = peer_voc = peer_chain = None
+        peer_mu_fn = peer_cfm_fn = peer_voc_fn = None
         if ts is not None:
             def peer_cfm_fn():
                 mask = torch.ones(1, 1, frames)
@@ -132,18 +145,25 @@ def main():
                         dt = t_span[step + 1] - t
                 return x
 
-            peer_mu = timed(lambda: ts.ref_mu(weights, cfg, codes), args.reps)
-            peer_cfm = timed(peer_cfm_fn, max(1, args.reps - 1))
-            peer_voc = timed(lambda: tv.ref_vocode(pt_path, mel, phase, sn), args.reps)
-            peer_chain = tuple(a + b + c for a, b, c in zip(peer_mu, peer_cfm, peer_voc))
+            def peer_mu_fn():
+                return ts.ref_mu(weights, cfg, codes)
 
-        ours_mu = timed(lambda: speech.mu(codes), args.reps)
+            def peer_voc_fn():
+                return tv.ref_vocode(pt_path, mel, phase, sn)
+
+        def ours_cfm_fn():  # the CFM alone, from the same mu
+            p = speech.params
+            return cfm_solve(speech.estimator_fn, mu[None], z[None], p.n_steps, p.cfg_rate, p.scheduler)
+
+        ours_mu, peer_mu = ab(lambda: speech.mu(codes), peer_mu_fn, args.reps)
         row("decoder+prenet", secs, ours_mu, peer_mu)
-        ours_mel = timed(lambda: speech.mel(codes, z), max(1, args.reps - 1))
-        row("cfm", secs, tuple(a - ours_mu[0] for a in ours_mel), peer_cfm)
-        ours_voc = timed(lambda: voc(mel, phase=phase, source_noise=sn), args.reps)
+        ours_cfm, peer_cfm = ab(ours_cfm_fn, peer_cfm_fn, args.reps)
+        row("cfm", secs, ours_cfm, peer_cfm)
+        ours_voc, peer_voc = ab(lambda: voc(mel, phase=phase, source_noise=sn), peer_voc_fn, args.reps)
         row("vocoder", secs, ours_voc, peer_voc)
-        row("chain (offline)", secs, tuple(a + b for a, b in zip(ours_mel, ours_voc)), peer_chain)
+        chain = tuple(a + b + c for a, b, c in zip(ours_mu, ours_cfm, ours_voc))
+        peer_chain = None if peer_mu is None else tuple(a + b + c for a, b, c in zip(peer_mu, peer_cfm, peer_voc))
+        row("chain (offline)", secs, chain, peer_chain)
 
         # streaming: compute of every push, time to first audio
         got = {"first": None, "calls": 0}
@@ -163,10 +183,13 @@ def main():
                     got["first"] = dt_
             t1 = time.perf_counter()
             s.end_clause()
-            total += time.perf_counter() - t1
+            dt_ = time.perf_counter() - t1
+            total += dt_
+            if got["first"] is None:  # a clause shorter than first_codes: audio comes at its end
+                got["first"] = dt_
         row("stream (total)", secs, (total, total, total), peer_chain)
         peer_ttfa = f"{peer_chain[0]:.3f} s after the last code" if peer_chain else "n/a"
-        print(f"{'':16} time to first audio: ours {got['first']:.3f} s after code 10 (0.80 s of speech), "
+        print(f"{'':16} time to first audio: ours {got['first']:.3f} s after code {min(10, n)}, "
               f"reference demo {peer_ttfa}; {s.samples_out / 24000:.2f} s delivered in {got['calls']} chunks",
               flush=True)
 
