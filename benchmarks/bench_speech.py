@@ -92,6 +92,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--onnx", action="store_true", help="also time the exported fp32 graphs in onnxruntime "
+                    "(estimator and vocoder trunk; exported first, which takes minutes at these sizes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -113,6 +115,21 @@ def main():
           f"load average {os.getloadavg()[0]:.1f} (shared machine)")
     print(f"# params: decoder {n_par(speech.decoder):.1f} M, prenet {n_par(speech.prenet):.1f} M, "
           f"estimator {n_par(speech.estimator):.1f} M, vocoder {n_par(voc):.1f} M")
+    onnx_est = onnx_trunk = None
+    if args.onnx:
+        from omni_edge.backends import OnnxGraph
+        spec = importlib.util.spec_from_file_location("export_speech", os.path.join(ROOT, "export", "speech.py"))
+        ex = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ex)
+        t0 = time.perf_counter()
+        entries = ex.export(tmp, None, "float32", speech=speech, vocoder=voc, lengths=(7,), est_lengths=(37,))
+        print(f"# exported in {time.perf_counter() - t0:.1f} s: "
+              + ", ".join(f"{k} max_rel {v['float32'].get('parity', {}).get('max_rel', float('nan')):.1e}"
+                          for k, v in entries.items()))
+        est = OnnxGraph(os.path.join(tmp, "flow_estimator.onnx"), threads=args.threads)
+        trk = OnnxGraph(os.path.join(tmp, "vocoder.onnx"), threads=args.threads)
+        onnx_est = lambda x, m, t: est.run(x=x, mu=m, t=t)[0]  # noqa: E731
+        onnx_trunk = lambda m, s: trk.run(mel=m, s_stft=s)[0]  # noqa: E731
     ts = tv = None
     if not args.skip_peer:
         ts, tv = _load("test_speech"), _load("test_vocoder")
@@ -164,6 +181,15 @@ def main():
         chain = tuple(a + b + c for a, b, c in zip(ours_mu, ours_cfm, ours_voc))
         peer_chain = None if peer_mu is None else tuple(a + b + c for a, b, c in zip(peer_mu, peer_cfm, peer_voc))
         row("chain (offline)", secs, chain, peer_chain)
+        if onnx_est is not None:
+            def onnx_cfm_fn():
+                p = speech.params
+                return cfm_solve(onnx_est, mu[None], z[None], p.n_steps, p.cfg_rate, p.scheduler)
+            o_cfm, _ = ab(onnx_cfm_fn, None, args.reps)
+            row("cfm (onnxrt)", secs, o_cfm, ours_cfm)
+            o_voc, _ = ab(lambda: voc(mel, phase=phase, source_noise=sn, trunk_fn=onnx_trunk), None, args.reps)
+            row("vocoder (onnxrt)", secs, o_voc, ours_voc)
+            print(f"{'':16} (for the onnxrt rows, 'peer' is our torch module)")
 
         # streaming: compute of every push, time to first audio
         got = {"first": None, "calls": 0}
