@@ -1,6 +1,9 @@
 """Speech decode chain at the released sizes (random weights): real-time factor per stage and end to end.
 
-    python benchmarks/bench_speech.py [--codes 25 50] [--threads 2] [--reps 3] [--skip-peer]
+    python benchmarks/bench_speech.py [--codes 30 60] [--threads 1] [--reps 3] [--skip-peer]
+
+(One thread by default: on a machine shared with other jobs, OpenMP threads that wait for each other at
+every op make 2-thread runs slower and noisier than 1-thread runs.)
 
 Stages, per clause of N codes (N / 12.5 s of speech, 4N - 1 mel frames):
   decoder+prenet   codes -> mu: RVQ sum, proj_decoder, ConvT + 8 causal layers, 12 prenet layers
@@ -16,8 +19,9 @@ masks multiplied in and an additive finfo.min chunk bias, plain softmax attentio
 from g/v at every call. For streaming the peer is what the reference demo does: wait for the clause's EOS and
 decode it whole (its time to first audio is the whole chain after the last code).
 
-RTF = compute seconds / seconds of speech (lower is better; < 1 is faster than real time). Median of --reps
-runs after one warm-up; min and max shown. The machine is shared, so absolute times move between runs; the
+RTF = compute seconds / seconds of speech (lower is better; < 1 is faster than real time). Ours and the
+peer run alternately (one warm-up each, then --reps rounds); medians, with min and max for ours; the
+chain row sums the stage medians. The machine is shared, so absolute times move between runs; the
 ratios come from the same run.
 """
 
@@ -38,6 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from omni_edge.config import parse_config  # noqa: E402
+from omni_edge.flow import cfm_solve  # noqa: E402
 from omni_edge.speech import NoiseBuffer, SpeechDecoder, SpeechStream, mel_frames  # noqa: E402
 from omni_edge.testing import random_tensors, reference_config, write_tiny_vocoder  # noqa: E402
 from omni_edge.vocoder import Vocoder, VocoderNoise  # noqa: E402
@@ -50,15 +55,26 @@ def _load(name):
     return mod
 
 
-def timed(fn, reps):
+def ab(ours, peer, reps):
+    """Time `ours` and `peer` alternately (one warm-up each, then reps rounds of ours, peer), so load changes
+    on the shared machine hit both alike. Returns (median, min, max) for each; peer None -> (stats, None)."""
     with torch.no_grad():
-        fn()  # warm-up
-        ts = []
+        ours()
+        if peer is not None:
+            peer()
+        a, b = [], []
         for _ in range(reps):
             t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), min(ts), max(ts)
+            ours()
+            a.append(time.perf_counter() - t0)
+            if peer is not None:
+                t0 = time.perf_counter()
+                peer()
+                b.append(time.perf_counter() - t0)
+
+    def stats(ts):
+        return statistics.median(ts), min(ts), max(ts)
+    return stats(a), (stats(b) if b else None)
 
 
 def row(name, secs, ours, peer=None):
@@ -72,10 +88,12 @@ def row(name, secs, ours, peer=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--codes", type=int, nargs="+", default=[25, 50])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--codes", type=int, nargs="+", default=[30, 60])
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--onnx", action="store_true", help="also time the exported fp32 graphs in onnxruntime "
+                    "(estimator and vocoder trunk; exported first, which takes minutes at these sizes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -97,6 +115,21 @@ def main():
           f"load average {os.getloadavg()[0]:.1f} (shared machine)")
     print(f"# params: decoder {n_par(speech.decoder):.1f} M, prenet {n_par(speech.prenet):.1f} M, "
           f"estimator {n_par(speech.estimator):.1f} M, vocoder {n_par(voc):.1f} M")
+    onnx_est = onnx_trunk = None
+    if args.onnx:
+        from omni_edge.backends import OnnxGraph
+        spec = importlib.util.spec_from_file_location("export_speech", os.path.join(ROOT, "export", "speech.py"))
+        ex = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ex)
+        t0 = time.perf_counter()
+        entries = ex.export(tmp, None, "float32", speech=speech, vocoder=voc, lengths=(7,), est_lengths=(37,))
+        print(f"# exported in {time.perf_counter() - t0:.1f} s: "
+              + ", ".join(f"{k} max_rel {v['float32'].get('parity', {}).get('max_rel', float('nan')):.1e}"
+                          for k, v in entries.items()))
+        est = OnnxGraph(os.path.join(tmp, "flow_estimator.onnx"), threads=args.threads)
+        trk = OnnxGraph(os.path.join(tmp, "vocoder.onnx"), threads=args.threads)
+        onnx_est = lambda x, m, t: est.run(x=x, mu=m, t=t)[0]  # noqa: E731
+        onnx_trunk = lambda m, s: trk.run(mel=m, s_stft=s)[0]  # noqa: E731
     ts = tv = None
     if not args.skip_peer:
         ts, tv = _load("test_speech"), _load("test_vocoder")
@@ -114,7 +147,7 @@ def main():
         noise = VocoderNoise(0)
         phase, sn = noise.phase(), noise.take(0, frames * 480)
 
-        peer_mu = peer_cfm = peer_voc = peer_chain = None
+        peer_mu_fn = peer_cfm_fn = peer_voc_fn = None
         if ts is not None:
             def peer_cfm_fn():
                 mask = torch.ones(1, 1, frames)
@@ -129,18 +162,34 @@ def main():
                         dt = t_span[step + 1] - t
                 return x
 
-            peer_mu = timed(lambda: ts.ref_mu(weights, cfg, codes), args.reps)
-            peer_cfm = timed(peer_cfm_fn, max(1, args.reps - 1))
-            peer_voc = timed(lambda: tv.ref_vocode(pt_path, mel, phase, sn), args.reps)
-            peer_chain = tuple(a + b + c for a, b, c in zip(peer_mu, peer_cfm, peer_voc))
+            def peer_mu_fn():
+                return ts.ref_mu(weights, cfg, codes)
 
-        ours_mu = timed(lambda: speech.mu(codes), args.reps)
+            def peer_voc_fn():
+                return tv.ref_vocode(pt_path, mel, phase, sn)
+
+        def ours_cfm_fn():  # the CFM alone, from the same mu
+            p = speech.params
+            return cfm_solve(speech.estimator_fn, mu[None], z[None], p.n_steps, p.cfg_rate, p.scheduler)
+
+        ours_mu, peer_mu = ab(lambda: speech.mu(codes), peer_mu_fn, args.reps)
         row("decoder+prenet", secs, ours_mu, peer_mu)
-        ours_mel = timed(lambda: speech.mel(codes, z), max(1, args.reps - 1))
-        row("cfm", secs, tuple(a - ours_mu[0] for a in ours_mel), peer_cfm)
-        ours_voc = timed(lambda: voc(mel, phase=phase, source_noise=sn), args.reps)
+        ours_cfm, peer_cfm = ab(ours_cfm_fn, peer_cfm_fn, args.reps)
+        row("cfm", secs, ours_cfm, peer_cfm)
+        ours_voc, peer_voc = ab(lambda: voc(mel, phase=phase, source_noise=sn), peer_voc_fn, args.reps)
         row("vocoder", secs, ours_voc, peer_voc)
-        row("chain (offline)", secs, tuple(a + b for a, b in zip(ours_mel, ours_voc)), peer_chain)
+        chain = tuple(a + b + c for a, b, c in zip(ours_mu, ours_cfm, ours_voc))
+        peer_chain = None if peer_mu is None else tuple(a + b + c for a, b, c in zip(peer_mu, peer_cfm, peer_voc))
+        row("chain (offline)", secs, chain, peer_chain)
+        if onnx_est is not None:
+            def onnx_cfm_fn():
+                p = speech.params
+                return cfm_solve(onnx_est, mu[None], z[None], p.n_steps, p.cfg_rate, p.scheduler)
+            o_cfm, _ = ab(onnx_cfm_fn, None, args.reps)
+            row("cfm (onnxrt)", secs, o_cfm, ours_cfm)
+            o_voc, _ = ab(lambda: voc(mel, phase=phase, source_noise=sn, trunk_fn=onnx_trunk), None, args.reps)
+            row("vocoder (onnxrt)", secs, o_voc, ours_voc)
+            print(f"{'':16} (for the onnxrt rows, 'peer' is our torch module)")
 
         # streaming: compute of every push, time to first audio
         got = {"first": None, "calls": 0}
@@ -160,10 +209,13 @@ def main():
                     got["first"] = dt_
             t1 = time.perf_counter()
             s.end_clause()
-            total += time.perf_counter() - t1
+            dt_ = time.perf_counter() - t1
+            total += dt_
+            if got["first"] is None:  # a clause shorter than first_codes: audio comes at its end
+                got["first"] = dt_
         row("stream (total)", secs, (total, total, total), peer_chain)
         peer_ttfa = f"{peer_chain[0]:.3f} s after the last code" if peer_chain else "n/a"
-        print(f"{'':16} time to first audio: ours {got['first']:.3f} s after code 10 (0.80 s of speech), "
+        print(f"{'':16} time to first audio: ours {got['first']:.3f} s after code {min(10, n)}, "
               f"reference demo {peer_ttfa}; {s.samples_out / 24000:.2f} s delivered in {got['calls']} chunks",
               flush=True)
 

@@ -412,7 +412,8 @@ def load_state_dict(path) -> Dict[str, torch.Tensor]:
                 raise VocoderFileError(f"vocoder {path}: {k} has no matching {vk}")
             g, vv = v, sd[vk]
             if g.shape[0] != vv.shape[0] or g.numel() != g.shape[0]:
-                raise VocoderFileError(f"vocoder {path}: {k} has shape {tuple(g.shape)}, expected ({vv.shape[0]}, 1, 1)")
+                raise VocoderFileError(f"vocoder {path}: {k} has shape {tuple(g.shape)}, "
+                                       f"expected ({vv.shape[0]}, 1, 1)")
             out[base + ".weight"] = _fold(g, vv).float()
         elif k.endswith(".weight_v") or k.endswith(".parametrizations.weight.original1"):
             continue

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from omni_edge.checkpoint import Checkpoint
 from omni_edge.speech import (JOIN_SAMPLES, NoiseBuffer, SpeechDecoder, SpeechError, SpeechStream, decode_clause,
                               mel_frames, wave_concat)
-from omni_edge.vocoder import Vocoder, VocoderNoise, end_fade
+from omni_edge.vocoder import Vocoder
 
 DEC = "audio_tokenizer.audio_decoder."
 RVQ = "audio_tokenizer.audio_bridge_model."
@@ -129,7 +129,8 @@ def ref_estimator(W, cfg, x, mask, mu, t):
 
     def cblock(p, h, m):
         h = conv(p + "block.0", h * m, 2)
-        h = F.layer_norm(h.transpose(1, 2), h.shape[1:2], W[p + "block.2.weight"], W[p + "block.2.bias"]).transpose(1, 2)
+        h = F.layer_norm(h.transpose(1, 2), h.shape[1:2], W[p + "block.2.weight"], W[p + "block.2.bias"])
+        h = h.transpose(1, 2)
         return F.mish(h) * m
 
     def resnet(p, h, m, temb):
@@ -318,13 +319,19 @@ def test_stream_preview_then_exact(speech, vocoder):
 
 def test_stream_prefix_statistics(speech, vocoder):
     """Default streaming (prefix GroupNorm statistics, the only choice before the clause ends): the sample
-    count is exact and the audio is a valid signal; the samples differ from offline through the statistics,
-    which is what pinning them (the tests above) removes."""
+    count is exact and the audio is a valid signal. The statistics are the only difference left for a
+    finished chunk: the first chunk decoded from its own 25 codes vs from the whole 50-code clause. Stated
+    tolerance: mean |diff| under 2% of the mean |mel| (0.35% measured on these random weights; a preview
+    before the chunk completes differs by ~18%, which is why previews are revised)."""
     codes = random_codes(speech.codebook_sizes, 30, seed=9)
     chunks, _ = _stream(speech, vocoder, [codes])
     wave, offline = torch.cat(chunks), decode_clause(speech, vocoder, codes)
     assert wave.shape == offline.shape
     assert torch.isfinite(wave).all() and wave.abs().max() <= 0.99
+    codes = random_codes(speech.codebook_sizes, 50, seed=0)
+    full = speech.mel(codes, NoiseBuffer(0))[:, :100]
+    prefix = speech.mel(codes[:25], NoiseBuffer(0), n_frames=100)
+    assert (prefix - full).abs().mean() < 0.02 * full.abs().mean()
 
 
 def test_clauses_join_like_wave_concat(speech, vocoder):
