@@ -237,6 +237,15 @@ class Reply:
         return len(self.step_s) / self.decode_s if self.decode_s > 0 and self.step_s else float("nan")
 
 
+def _notifier(notices: List[str], on_notice: Optional[Callable[[str], None]]) -> Callable[[str], None]:
+    """A notice callback that records into `notices` and forwards to `on_notice`."""
+    def notice(text: str) -> None:
+        notices.append(text)
+        if on_notice is not None:
+            on_notice(text)
+    return notice
+
+
 class _Bounded:
     """A backbone seen with a shorter cache: the spoken-reply driver stops at `max_len` as at a full context."""
 
@@ -408,13 +417,8 @@ class ChatSession:
         params = params or SpeakParams()
         self._claim_cache()
         notices: List[str] = []
-
-        def notice(text: str) -> None:
-            notices.append(text)
-            if on_notice is not None:
-                on_notice(text)
-
-        rendered, _ = self._fit(user, SamplingParams(max_new_tokens=MIN_REPLY_TOKENS), notice, speak=True)
+        rendered, _ = self._fit(user, SamplingParams(max_new_tokens=MIN_REPLY_TOKENS), _notifier(notices, on_notice),
+                                speak=True)
         ids, keys = rendered.ids, rendered.keys()
         keep = self._keep(keys)
         self.history.append(self._user_message(user, True))
@@ -492,13 +496,7 @@ class ChatSession:
         params = (params or SamplingParams()).validate()
         self._claim_cache()
         notices: List[str] = []
-
-        def notice(text: str) -> None:
-            notices.append(text)
-            if on_notice is not None:
-                on_notice(text)
-
-        rendered, budget = self._fit(user, params, notice)
+        rendered, budget = self._fit(user, params, _notifier(notices, on_notice))
         ids, keys = rendered.ids, rendered.keys()
         stop_ids = frozenset(self.prompt.stop_ids) | frozenset(params.stop_ids)
         if budget < params.max_new_tokens:

@@ -517,3 +517,29 @@ def write_tiny_vocoder(path, *, seed: int = 0, base_channels: int = 16, cond_cha
     torch.save(normed, pt)
     save_file(folded, st, metadata={"format": "pt"})
     return st, pt
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference decoding for end-to-end tests
+# ------------------------------------------------------------------------------------------------
+
+def greedy_on_embeddings(model, ids, rows, n: int) -> str:
+    """Greedy reply by whole-sequence forwards from position 0, the plain way: `ids` the rendered prompt, `rows`
+    {position: backbone input row} replacing the embedding at media positions; stops at the prompt format's stop
+    ids; argmax over the tokenizer's vocabulary (lm_head rows past it are padding). Returns the decoded text."""
+    import torch
+
+    tok, bb = model.tokenizer, model.backbone
+    ids, out = list(ids), []
+    with torch.inference_mode():
+        for _ in range(n):
+            emb = bb.embed(torch.tensor([ids]))
+            for pos, row in rows.items():
+                emb[0, pos] = row
+            logits = bb.logits(bb.forward(inputs_embeds=emb, start=0)[:, -1])[0]
+            tid = int(torch.argmax(logits[:tok.vocab_size]))
+            if tid in model.prompt.stop_ids:
+                break
+            out.append(tid)
+            ids.append(tid)
+    return tok.decode(out)

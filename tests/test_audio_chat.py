@@ -16,6 +16,7 @@ import torch
 
 from omni_edge import pipeline
 from omni_edge.audio_in import AudioEncoderStage, load_audio
+from omni_edge.testing import greedy_on_embeddings
 
 ENV = dict(os.environ, PYTHONIOENCODING="utf-8")
 N = 6
@@ -57,18 +58,7 @@ def reference_reply(model, item, text: str, n: int = N) -> str:
     first = len(ids)
     ids += [t("<audio_pad_baichuan>")] * item.n_tokens + [t("<audio_end_baichuan>")]
     ids += tok.encode(text) + [t("<C_A>")]
-    out = []
-    with torch.inference_mode():
-        for _ in range(n):
-            emb = bb.embed(torch.tensor([ids]))
-            emb[0, first:first + item.n_tokens] = rows
-            logits = bb.logits(bb.forward(inputs_embeds=emb, start=0)[:, -1])[0]
-            tid = int(torch.argmax(logits[:tok.vocab_size]))  # lm_head rows past the vocabulary are padding
-            if tid in model.prompt.stop_ids:
-                break
-            out.append(tid)
-            ids.append(tid)
-    return tok.decode(out)
+    return greedy_on_embeddings(model, ids, {first + j: rows[j] for j in range(item.n_tokens)}, n)
 
 
 def test_spoken_question_equals_the_torch_reference(tiny_omni, model, question):

@@ -13,11 +13,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from omni_edge import pipeline
 from omni_edge.inputs import load_image, load_video
+from omni_edge.testing import greedy_on_embeddings
 from omni_edge.vision import VisionStage
 
 from test_inputs import bad_image_corpus, bad_video_corpus, write_video
@@ -70,19 +70,7 @@ def reference_reply(model, media_items, text: str, n: int = N):
             ids.append(t("<img_end_baichuan>"))
         assert k == r.shape[0]
     ids += tok.encode(text) + [t("<C_A>")]
-    out = []
-    with torch.inference_mode():
-        for _ in range(n):
-            emb = bb.embed(torch.tensor([ids]))
-            for pos, row in rows.items():
-                emb[0, pos] = row
-            logits = bb.logits(bb.forward(inputs_embeds=emb, start=0)[:, -1])[0]
-            tid = int(torch.argmax(logits[:tok.vocab_size]))  # lm_head rows past the vocabulary are padding
-            if tid in model.prompt.stop_ids:
-                break
-            out.append(tid)
-            ids.append(tid)
-    return tok.decode(out)
+    return greedy_on_embeddings(model, ids, rows, n)
 
 
 def test_image_chat_equals_the_torch_reference(tiny_omni, model, media):
