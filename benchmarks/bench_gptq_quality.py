@@ -35,7 +35,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 _TESTS = Path(__file__).resolve().parents[1] / "tests"  # the SmolLM2 converter lives with the tests
@@ -117,7 +116,9 @@ print("RESULT " + json.dumps({"seconds": time.time() - t,
 def run_child(python, code, payload, threads):
     """Run a quantizer in a fresh process (so its time and peak memory are its own); returns its RESULT dict."""
     import subprocess
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads) if threads else os.environ.get("OMP_NUM_THREADS", ""))
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p)
     r = subprocess.run([python, "-c", code, json.dumps(payload)], capture_output=True, text=True, env=env)
     lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
@@ -157,7 +158,6 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from omni_edge.ops import q4
     q4.set_exact(not args.q4_int8)
-    from omni_edge.quantize.build import QuantizeOptions, quantize_checkpoint
     from omni_edge.quantize.calibration import build_calibration, builtin_heldout_texts
     from smollm2_weights import smollm2_checkpoint, smollm2_gguf  # tests/ (see _TESTS)
     from omni_edge.tokenizer import Tokenizer, prompt_format
