@@ -336,8 +336,8 @@ def test_existing_output_and_force(qwen2_src, qwen2_bundle, tmp_path):
 def test_cli_errors(qwen2_src, tmp_path, capsys):
     from omni_edge.cli import main
 
-    assert main(["quantize", str(qwen2_src), str(tmp_path / "o"), "--group-size", "48", "--quiet"]) == 2
-    assert "does not divide the input size K=64" in capsys.readouterr().err
+    assert main(["quantize", str(qwen2_src), str(tmp_path / "o"), "--group-size", "0", "--quiet"]) == 2
+    assert "--group-size must be -1 (per-channel) or positive" in capsys.readouterr().err
     assert main(["quantize", str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
     assert "is not a folder" in capsys.readouterr().err
     assert main(["quantize", str(qwen2_src), str(Path(qwen2_src) / "inside")]) == 2

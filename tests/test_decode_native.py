@@ -130,7 +130,14 @@ def test_greedy_tokens_identical_tiny_omni(tiny_omni, quant, monkeypatch):
 @torch.no_grad()
 def test_greedy_tokens_identical_smollm2(smollm2_dir, monkeypatch):
     """Split q/k/v without bias, tied embeddings (Llama / SmolLM2-135M, real weights): 32 greedy tokens, dense
-    fp32 and then rtn4 (the same layers quantized in place, as quant="rtn4" does at load)."""
+    fp32 and then rtn4 (the same layers quantized in place, as quant="rtn4" does at load).
+
+    The rtn4 comparison runs the q4 kernels on their exact path: on the default INT8-activation path the native
+    step's own RMSNorm can round an activation block to other int8 values than torch's RMSNorm does, and on
+    these real weights a greedy step with a 0.02 logit margin then flips (token 7 with the asymmetric group-32
+    grid). On that path the two decode paths are held to the same error against the exact path instead.""" 
+    from omni_edge.ops import q4
+
     bb = Backbone.from_checkpoint(Checkpoint.open(smollm2_dir))
     assert not bb.config.packed_qkv
     prompt = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 30]])
@@ -139,10 +146,25 @@ def test_greedy_tokens_identical_smollm2(smollm2_dir, monkeypatch):
         if quant == "rtn4":
             for layer in bb.layers:
                 layer.quantize_rtn(128)
-        py = _greedy(bb, prompt, 32, False, monkeypatch)
-        nat = _greedy(bb, prompt, 32, True, monkeypatch)
+        with q4.exact_mode():
+            py = _greedy(bb, prompt, 32, False, monkeypatch)
+            nat = _greedy(bb, prompt, 32, True, monkeypatch)
         assert nat == py, quant
     assert count.n == 62
+    def first_step(native: bool) -> torch.Tensor:  # one prefill and one native / Python decode step
+        knobs.set("native_decode", native)
+        bb.allocate_cache(prompt.shape[1] + 1)
+        bb.forward(prompt, start=0)
+        return bb.logits(bb.forward(torch.tensor([[198]]), start=prompt.shape[1])[0, -1])
+
+    with q4.exact_mode():
+        exact = first_step(False)
+    # INT8 path: each decode path's error against the exact path is of the same size (with asymmetric grids the
+    # two paths do not round identically, see the docstring); neither may be more than twice the other's
+    err_py = float((first_step(False) - exact).abs().max())
+    err_nat = float((first_step(True) - exact).abs().max())
+    assert err_nat <= 2 * err_py and err_py <= 2 * err_nat, (err_py, err_nat)
+    assert err_nat < 0.25 * float(exact.std())
 
 
 @torch.no_grad()

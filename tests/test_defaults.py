@@ -265,5 +265,8 @@ def test_chat_help_shows_the_defaults_in_force(qwen2_dir, capsys):
 
 
 def test_bad_flag_fails_before_loading(capsys):
-    assert cli.main(["chat", "--model", "/nonexistent/folder", "--top-p", "3"]) == 2
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error, before anything loads
+        cli.main(["chat", "--model", "/nonexistent/folder", "--top-p", "3"])
+    assert e.value.code == 2 and "--top-p: must lie in [0, 1], got 3" in capsys.readouterr().err
+    assert cli.main(["chat", "--model", "/nonexistent/folder", "--top-p", "0"]) == 2
     assert "top_p must lie in (0, 1]" in capsys.readouterr().err

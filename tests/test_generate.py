@@ -326,7 +326,7 @@ def test_rtn4_session_runs(tiny_omni):
         assert ref[len(r.ids)] in m.prompt.stop_ids
     else:
         assert r.finish_reason == "length" and len(r.ids) == N
-    assert m.describe()["quant"] == "rtn4"
+    assert m.describe()["quant"] == "rtn4 (asym, group 32)"
 
 
 @pytest.mark.cuda

@@ -36,7 +36,7 @@ def hf_tower(ckpt, dtype):
 
     v = ckpt.config.visual
     hc = Qwen2VLVisionConfig(depth=v.depth, embed_dim=v.embed_dim, hidden_size=v.hidden_size, hidden_act="quick_gelu",
-                             mlp_ratio=v.mlp_ratio, num_heads=v.num_heads, in_channels=v.in_channels,
+                             mlp_ratio=int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio, num_heads=v.num_heads, in_channels=v.in_channels,
                              patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
                              temporal_patch_size=v.temporal_patch_size)
     hc._attn_implementation = "eager"
