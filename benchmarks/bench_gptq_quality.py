@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     sym = not args.asym
     print(f"SmolLM2-135M-Instruct ({src}); 4-bit, group {args.group_size}, {'sym' if sym else 'asym'}, act-order "
           f"{'on (static groups)' if args.act_order else 'off'}, damp {args.damp}; calibration: built-in set, "
-          f"{args.nsamples} samples max, seqlen {args.seqlen}, seed {args.seed}; torch threads "
+          f"{args.nsamples or 'all'} samples max, seqlen {args.seqlen}, seed {args.seed}; torch threads "
           f"{torch.get_num_threads()}; CPU; q4 path {'INT8 activations' if args.q4_int8 else 'EXACT'}")
 
     rows = {}
