@@ -44,6 +44,18 @@ def run(args) -> int:
     else:
         print("GPU found:             no")
 
+    from omni_edge import backends
+
+    why_not = backends.onnxruntime_status()
+    if why_not is None:
+        import onnxruntime
+
+        onnx_line = f"onnx (onnxruntime {onnxruntime.__version__}; {', '.join(onnxruntime.get_available_providers())})"
+    else:
+        onnx_line = f"onnx unavailable: {why_not}"
+    print(f"dense-stage backends:  torch; {onnx_line}; a bundle's graphs run in onnx when present "
+          f"(chat --backend auto|torch|onnx|STAGE=KIND; `describe()` names each stage's)")
+
     from omni_edge import knobs
 
     s = knobs.settings()

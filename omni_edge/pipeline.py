@@ -281,25 +281,26 @@ class TextModel:
             "quant": self.quant_label, "max_context": self.max_context, "prompt_format": self.prompt.name,
             "inputs": ["text"] + self.media_kinds(), "stages": self.stage_report(),
             "sampling": self.sampling_defaults.describe() if self.sampling_defaults is not None else None,
-            **kernel_report(self.device, uses_q4=self._uses_q4()),
+            **kernel_report(self.device, uses_q4=self._uses_q4(),
+                            uses_rvq="audio" in self.media_kinds() or "speech" in self.stage_report()),
         }
 
     def _uses_q4(self) -> bool:
         return any(lin.quantized for layer in self.backbone.layers for lin in layer.linears.values())
 
 
-def kernel_report(device, *, uses_q4: bool = True) -> Dict[str, object]:
-    """For each kernel family the backbone uses: "native" when omni_edge's own kernel runs on `device`,
-    "torch" when its torch reference does ("unused" for q4 when every linear is dense); plus the CPU
-    instruction-set level the native kernels use."""
+def kernel_report(device, *, uses_q4: bool = True, uses_rvq: bool = False) -> Dict[str, object]:
+    """For each kernel family (omni_edge.ops._dispatch.FAMILIES): "native" when omni_edge's own kernel runs on
+    `device`, "torch" when its torch reference does, "unused" when this model has no use for it (q4 when every
+    linear is dense, rvq without audio stages); plus the CPU instruction-set level the native kernels use."""
     from omni_edge.ops import _dispatch
 
+    unused = {"q4": None if uses_q4 else "unused (dense weights)",
+              "rvq": None if uses_rvq else "unused (no audio stages)"}
     kernels = {}
-    for fam in ("q4", "attention"):
-        if fam == "q4" and not uses_q4:
-            kernels[fam] = "unused (dense weights)"
-            continue
-        kernels[fam] = "native" if _dispatch.native_enabled(fam, device) else "torch"
+    for fam in _dispatch.FAMILIES:
+        why = unused.get(fam)
+        kernels[fam] = why or ("native" if _dispatch.native_enabled(fam, device) else "torch")
     isa = _native.lib().build_info()["isa_active"] if _native.available() else "n/a (not built)"
     return {"kernels": kernels, "isa": isa}
 
