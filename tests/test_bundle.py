@@ -31,8 +31,13 @@ def qwen2_src(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def omni_bundle(tiny_omni_bytelevel, tmp_path_factory):
-    out = tmp_path_factory.mktemp("omni") / "bundle"
-    manifest = quantize_checkpoint(tiny_omni_bytelevel, out, QuantizeOptions(group_size=32, **FAST), log=quiet)
+    from omni_edge.testing import write_tiny_vocoder
+
+    root = tmp_path_factory.mktemp("omni")
+    _, hift = write_tiny_vocoder(root / "vocoder")  # the CosyVoice-style hift.pt (weight-norm pairs, torch.save)
+    out = root / "bundle"
+    manifest = quantize_checkpoint(tiny_omni_bytelevel, out, QuantizeOptions(group_size=32, vocoder=hift, **FAST),
+                                   log=quiet)
     return out, manifest
 
 
@@ -113,6 +118,14 @@ def test_omni_bundle_end_to_end(omni_bundle, tiny_omni_bytelevel):
     assert {"<B_SYS>", "<C_Q>", "<C_A>", "<|endoftext|>"} <= set(ids)
     assert manifest["quantization"]["calibration"]["wrapped_as"].endswith("(baichuan)")
     assert manifest["source"]["fingerprint"].startswith("sha256:")
+    # the vocoder came along, checked, folded and as safetensors; the runtime finds it there
+    assert manifest["modules"]["vocoder"]["files"] == ["vocoder.safetensors"] and "vocoder.safetensors" in manifest["files"]
+    from omni_edge import pipeline
+    from omni_edge.vocoder import Vocoder
+    m = pipeline.load(out, max_context=64)
+    assert m.vocoder_path == str(out / "vocoder.safetensors")
+    m.check_speech()
+    assert isinstance(m.stage("vocoder"), Vocoder)
 
 
 @pytest.mark.usefixtures("q4_exact")
