@@ -210,6 +210,7 @@ class SpeechOut:
         tmp = f"{path}.partial-{os.getpid()}"
         first = [None]
         samples = [0]
+        clauses: list = [[]]  # 24 kHz chunks per clause, for the history (re-tokenised as the reference does)
         t0 = time.perf_counter()
         out = wave.open(tmp, "wb")
         out.setnchannels(1)
@@ -227,6 +228,7 @@ class SpeechOut:
             if first[0] is None:
                 first[0] = time.perf_counter() - t0
             samples[0] += x.size
+            clauses[-1].append(chunk.detach().float().cpu())
             out.writeframes((np.clip(x, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes())
             if stream_out is not None:
                 stream_out.write(x.reshape(-1, 1))
@@ -237,11 +239,15 @@ class SpeechOut:
             from omni_edge.speak import SpeakParams
 
             speak_params = SpeakParams().greedy() if params.greedy else SpeakParams()
+            def clause_end():
+                stream.end_clause()
+                clauses.append([])
+
             reply = session.send_spoken(content, head, params=speak_params, max_new_tokens=params.max_new_tokens,
-                                        on_text=write,
-                                        on_audio_frame=stream.push, on_clause_end=stream.end_clause,
+                                        on_text=write, on_audio_frame=stream.push, on_clause_end=clause_end,
                                         on_notice=on_notice)
             stream.close()
+            self._keep_in_history(session, reply, clauses)
             ok = True
         finally:
             out.close()
@@ -255,6 +261,24 @@ class SpeechOut:
         reply.audio_path, reply.audio_seconds = path, samples[0] / self.RATE
         reply.first_audio_s, reply.wall_s = first[0], time.perf_counter() - t0
         return reply
+
+
+    def _keep_in_history(self, session, reply, clauses) -> None:
+        """The reference keeps past assistant speech as its wave, re-tokenised by the audio input path on the
+        next turn: do the same when this model has that path (else the generated codes stay)."""
+        if "audio" not in self.model.media_kinds():
+            return
+        import torch
+
+        from omni_edge.audio_in import audio_from_wave
+
+        waves = [torch.cat(c) if c else torch.zeros(0) for c, seg in zip(clauses, reply.segments)
+                 if seg.shape[0] > 0]
+        cfg = self.model.config.audio
+        try:
+            session.retokenize_spoken(waves, lambda w: audio_from_wave(w, self.RATE, cfg, source="spoken reply"))
+        except ValueError as e:  # e.g. a segment too short to tokenise: its generated codes stay in the history
+            self.err.write(f"omni-edge: the reply's speech stays in the history as its codes ({e})\n")
 
 
 def speech_stats_line(reply) -> str:

@@ -237,6 +237,21 @@ class Reply:
         return len(self.step_s) / self.decode_s if self.decode_s > 0 and self.step_s else float("nan")
 
 
+def _replace_spans(ids: List[int], spans: Sequence[MediaSpan], new: Sequence[Tuple[int, object, str]]):
+    """A message's ids and spans with each span's pad run (one segment each, in order) replaced by n pads of a new
+    "audio" item: `new` holds (n, item, digest) per span."""
+    out_ids: List[int] = []
+    out_spans: List[MediaSpan] = []
+    i = 0
+    for sp, (n, item, digest) in zip(spans, new):
+        (a, k), = sp.segments
+        out_ids += ids[i:a]
+        out_spans.append(MediaSpan("audio", item, digest, [(len(out_ids), n)]))
+        out_ids += [ids[a]] * n
+        i = a + k
+    return out_ids + ids[i:], out_spans
+
+
 def _notifier(notices: List[str], on_notice: Optional[Callable[[str], None]]) -> Callable[[str], None]:
     """A notice callback that records into `notices` and forwards to `on_notice`."""
     def notice(text: str) -> None:
@@ -573,6 +588,23 @@ class ChatSession:
                      prefilled_tokens=len(ids) - keep, prefill_s=prefill_s,
                      decode_s=time.perf_counter() - t_decode, step_s=step_s, media_s=media_s,
                      media_tokens=media_tokens, notices=notices, max_new_tokens=params.max_new_tokens)
+
+    def retokenize_spoken(self, waves: Sequence[torch.Tensor], to_item: Callable[[torch.Tensor], object]) -> None:
+        """Keep the last spoken reply's audio in the history as the reference does (MODEL.md §2.2): each segment's
+        24 kHz wave (`waves`, one per "audiogen" span, in order) re-tokenised through the audio input path
+        (`to_item(wave)` -> a prepared audio item; its pads are filled by the audio encoder's RVQ codes). The pad
+        counts change, so the next turn re-prefills from the first such segment, as the reference re-encodes."""
+        if not self.history or self.history[-1]["role"] != "assistant":
+            return
+        m = self.history[-1]
+        old = list(m.get("spans", ()))
+        if not old or any(sp.kind != "audiogen" for sp in old):
+            return
+        if len(waves) != len(old):
+            raise ValueError(f"retokenize_spoken: {len(waves)} waves for {len(old)} audio segments")
+        items = [to_item(w) for w in waves]
+        m["ids"], m["spans"] = _replace_spans(list(m["ids"]), old, [(int(it.n_tokens), it, it.digest)
+                                                                    for it in items])
 
     def _nonfinite_message(self, position: int) -> str:
         return (f"the model produced non-finite logits (NaN or Inf) at position {position}: its weights likely "

@@ -94,3 +94,34 @@ def test_speak_errors_name_what_is_missing(tiny_omni, speaking, tmp_path):
     assert not (tmp_path / "a.wav").exists()
     r = omni_edge("chat", "--model", str(speaking), "--prompt", "Hi", "--play")
     assert r.returncode == 2 and "--speak" in r.stderr
+
+
+def test_chat_keeps_past_speech_as_the_reference_does(speaking, tmp_path):
+    """`chat --speak` keeps each spoken segment in the history as its 24 kHz wave re-tokenised by the audio input
+    path (MODEL.md §2.2), as the reference demo does on its next turn; the next turn re-prefills from there and
+    answers as a fresh session given the same history."""
+    import io
+
+    from omni_edge.audio_in import AudioInput
+    from omni_edge.chat import SpeechOut
+    from omni_edge.generate import SamplingParams
+
+    m = pipeline.load(speaking)
+    s = m.session(seed=0)
+    out = SpeechOut(m, str(tmp_path / "r.wav"), play=False, first_frames=4, seed=0, err=io.StringIO())
+    reply = out.send(s, "Hello", SamplingParams(max_new_tokens=BUDGET, temperature=0), write=lambda t: None,
+                     numbered=False, on_notice=lambda t: None)
+    assistant = s.history[-1]
+    spans = assistant["spans"]
+    assert len(spans) == sum(1 for seg in reply.segments if seg.shape[0] > 0) >= 1
+    pad = m.tokenizer.token_id("<audio_pad_baichuan>")
+    for sp in spans:
+        assert sp.kind == "audio" and isinstance(sp.item, AudioInput) and sp.item.n_tokens == sp.n_tokens
+        (a, n), = sp.segments
+        assert assistant["ids"][a:a + n] == [pad] * n
+    greedy = SamplingParams(max_new_tokens=5, temperature=0, repetition_penalty=1.0)
+    follow = s.send("And then?", greedy)
+    assert follow.prefilled_tokens > 5  # the re-tokenised speech is new to the KV cache
+    fresh = m.session(seed=0)
+    fresh.history = s.history[:-2]
+    assert fresh.send("And then?", greedy).ids == follow.ids
