@@ -26,8 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from omni_edge.checkpoint import (Checkpoint, GptqParams, Linear as LinearSpec, Tensor as TensorSpec,
-                                  decoder_layer_specs, layer_prefix, qweight_from_tensors)
+from omni_edge.checkpoint import (Checkpoint, GptqParams, Linear as LinearSpec, decoder_layer_specs,
+                                  layer_prefix, qweight_from_tensors)
 from omni_edge.config import BackboneConfig
 from omni_edge import knobs
 from omni_edge.ops import _dispatch, attention, q4

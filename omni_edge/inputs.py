@@ -265,8 +265,6 @@ def load_video(path, cfg: VideoConfig, *, max_tokens: Optional[int] = None,
     """A video file -> VisualInput with one (1, h, w) grid entry per kept frame (1 frame/s, at most
     cfg.max_frame_num). InputError for unreadable files, no video stream, no decodable frame, frames over the
     pixel limits, or more visual tokens than `max_tokens`."""
-    from PIL import Image
-
     src, data = _read_bytes(path, "video")
     if cfg.decode_way != "1fps":
         raise InputError(f"video {src}: decode_way {cfg.decode_way!r} is not supported (only '1fps')")
