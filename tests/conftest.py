@@ -81,3 +81,14 @@ def q4_exact():
     from omni_edge.ops import q4
     with q4.exact_mode():
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny ops: on a shared 2-core machine OpenMP barriers between two
+    threads cost more than the work (numerics do not depend on the thread count)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -84,12 +84,8 @@ class RefHead:
 # ---- fixtures ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops: on a shared 2-core machine OpenMP barriers between 2 threads cost more than the work.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(one_thread):  # tests/conftest.py: tiny ops run single-threaded
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -60,13 +60,8 @@ class Biased:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Hundreds of tiny ops per step: on a shared 2-core machine OpenMP barriers between 2 threads cost more
-    # than the work, so these tests run single-threaded (numerics do not depend on it).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(one_thread):  # tests/conftest.py: tiny ops run single-threaded
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -34,11 +34,8 @@ def _export_module():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(one_thread):  # tests/conftest.py: tiny ops run single-threaded
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

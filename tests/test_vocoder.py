@@ -21,11 +21,8 @@ from omni_edge.vocoder import (RECEPTIVE_FRAMES, Vocoder, VocoderFileError, Voco
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(one_thread):  # tests/conftest.py: tiny ops run single-threaded
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
