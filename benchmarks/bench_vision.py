@@ -68,7 +68,7 @@ def hf_tower(tensors, cfg):
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
     hc = Qwen2VLVisionConfig(depth=cfg.depth, embed_dim=cfg.embed_dim, hidden_size=cfg.hidden_size,
-                             hidden_act="quick_gelu", mlp_ratio=cfg.mlp_ratio, num_heads=cfg.num_heads,
+                             hidden_act="quick_gelu", mlp_ratio=int(cfg.mlp_ratio) if float(cfg.mlp_ratio).is_integer() else cfg.mlp_ratio, num_heads=cfg.num_heads,
                              in_channels=cfg.in_channels, patch_size=cfg.patch_size,
                              spatial_merge_size=cfg.spatial_merge_size, temporal_patch_size=cfg.temporal_patch_size)
     hc._attn_implementation = "sdpa"
