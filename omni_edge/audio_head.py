@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from omni_edge.config import ModelConfig
-from omni_edge.generate import Sampler, SamplingParams
+from omni_edge.generate import Sampler, SamplingParams, seeded_generator
 
 HEAD_DIM = 128  # the reference asserts hidden_size % 128 == 0 and uses hidden_size // 128 heads
 RMS_EPS = 1e-6  # RMSNorm default eps of the reference head (not the backbone's rms_norm_eps)
@@ -335,11 +335,7 @@ class AudioCodeSampler:
         self.codebook_sizes = [int(n) for n in codebook_sizes]
         self.device = torch.device(device)
         if generator is None:
-            generator = torch.Generator(device=self.device)
-            if seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(int(seed))
+            generator = seeded_generator(self.device, seed)
         self.generator = generator
         cap = int(params.max_new_tokens) + 1
         self.samplers = []

@@ -60,6 +60,16 @@ class SamplingParams:
         return self
 
 
+def seeded_generator(device, seed: Optional[int] = None) -> torch.Generator:
+    """A torch.Generator on `device`, seeded with `seed` (a fresh random seed when None)."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
 def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
     """HF's rule, in place, on every token id in `context` (1-D int64; repeats are harmless): a positive logit
     is divided by the penalty, a negative one multiplied by it. Costs O(len(context)), not O(vocab)."""
@@ -84,11 +94,7 @@ class Sampler:
         self.vocab_size = vocab_size
         self.context = torch.zeros(capacity, dtype=torch.long, device=device)  # (capacity,) token ids
         self.n = 0
-        self.generator = torch.Generator(device=device)
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(int(seed))
+        self.generator = seeded_generator(device, seed)
 
     def set_context(self, ids: Sequence[int]) -> None:
         ids = [i for i in ids if 0 <= i < self.vocab_size]
@@ -319,12 +325,7 @@ class ChatSession:
         return int(self.backbone.max_len)
 
     def _reseed(self) -> None:
-        g = torch.Generator(device=self.device)
-        if self.seed is None:
-            g.seed()
-        else:
-            g.manual_seed(int(self.seed))
-        self._generator_state = g.get_state()
+        self._generator_state = seeded_generator(self.device, self.seed).get_state()
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays); the RNG restarts from the seed."""
@@ -391,14 +392,6 @@ class ChatSession:
             else:
                 hidden = self.backbone.forward(inputs_embeds=embeds[:, a:a + self.prefill_chunk], start=keep + a)
         return hidden[:, -1]
-
-    def _forward_logits(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Run ids (1, T) at positions start.. ; returns the last position's logits (V,) fp32."""
-        hidden = None
-        for a in range(0, ids.shape[1], self.prefill_chunk):
-            chunk = ids[:, a:a + self.prefill_chunk]
-            hidden = self.backbone.forward(chunk, start=start + a)
-        return self.backbone.logits(hidden[:, -1])[0]
 
     def render(self, user=None, *, speak: bool = False) -> Rendered:
         return self.prompt.render_spans(self.messages(user, speak=speak))

@@ -273,16 +273,17 @@ class TextModel:
         """What runs: model shape, device, dtype, quantisation, which kernels serve each op family, and the
         media stages (resident or not, and their backend)."""
         b = self.config.backbone
+        stages = self.stage_report()
         return {
             "kind": "Baichuan-Omni" if self.kind == "omni" else f"HF {self.config.raw.get('model_type', '?')}",
             "layers": b.num_hidden_layers, "hidden": b.hidden_size, "heads": b.num_attention_heads,
             "kv_heads": b.num_key_value_heads, "head_dim": b.head_dim, "intermediate": b.intermediate_size,
             "vocab": b.vocab_size, "device": str(self.device), "dtype": str(self.backbone.dtype),
             "quant": self.quant_label, "max_context": self.max_context, "prompt_format": self.prompt.name,
-            "inputs": ["text"] + self.media_kinds(), "stages": self.stage_report(),
+            "inputs": ["text"] + self.media_kinds(), "stages": stages,
             "sampling": self.sampling_defaults.describe() if self.sampling_defaults is not None else None,
             **kernel_report(self.device, uses_q4=self._uses_q4(),
-                            uses_rvq="audio" in self.media_kinds() or "speech" in self.stage_report()),
+                            uses_rvq="audio_encoder" in stages or "speech" in stages),
         }
 
     def _uses_q4(self) -> bool:

@@ -48,7 +48,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from omni_edge.audio_head import AUDIO_SAMPLING, AudioCodeSampler, AudioHead
-from omni_edge.generate import Sampler, SamplingParams, _TextOut
+from omni_edge.generate import Sampler, SamplingParams, seeded_generator, _TextOut
 from omni_edge.tokenizer import Tokenizer
 
 EOS = "<|endoftext|>"
@@ -301,11 +301,7 @@ def speak(backbone, head: AudioHead, tokenizer: Tokenizer, *, start: int, logits
     if vocab_size is None:
         vocab_size = min(tokenizer.vocab_size, logits.numel())
     if generator is None:
-        generator = torch.Generator(device=head.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(int(seed))
+        generator = seeded_generator(head.device, seed)
     turn = _Turn(backbone, head, tokenizer, start=start, context=context, params=params, generator=generator,
                  vocab_size=int(vocab_size), on_text=on_text, on_audio_frame=on_audio_frame,
                  on_clause_end=on_clause_end)
