@@ -17,6 +17,12 @@ Decode of one sequence on the CPU (B == 1, T == 1, fp32) runs every layer in one
 linear is replaced) instead of the Python layer loop, whose per-op dispatch dominates a small model's step.
 Same kernels, same results up to fp32 summation order in the dense matmuls; OMNI_EDGE_NATIVE_DECODE=0 (or
 OMNI_EDGE_NATIVE=0) keeps the Python loop, which stays the reference.
+
+Decode on CUDA (T == 1) runs `omni_edge.device_step.DeviceStep`: positions and lengths in device buffers,
+workspaces made with the cache, no host synchronisation, and the whole step captured once as a CUDA graph and
+replayed per token (OMNI_EDGE_CUDA_GRAPH=0 runs it eagerly). `decode_step(ids, start=)` returns the hidden
+states and the logits of one position in one call (on CUDA, one graph holding layers + final norm + lm_head);
+`decode_path()` says in one line which decode path runs and, where there is no graph, why.
 """
 
 from __future__ import annotations
@@ -395,6 +401,7 @@ class Backbone:
         self._plan_epoch = None  # _layers_version() the plan was built at
         self._layout_reason: Optional[str] = None  # native_decode_supported's per-tensor verdict ...
         self._layout_epoch = None  # ... at this _layers_version()
+        self._dstep = None  # omni_edge.device_step.DeviceStep (CUDA decode), built on first use per cache
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -469,6 +476,7 @@ class Backbone:
         if not isinstance(batch, int) or batch <= 0:
             raise ValueError(f"batch: expected a positive integer, got {batch!r}")
         cfg = self.config
+        self._drop_device_step()
         self._k = self._v = self._plan = None  # free the old cache first (the plan holds it too)
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self._k = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -481,6 +489,7 @@ class Backbone:
             self._decode_plan()
 
     def free_cache(self) -> None:
+        self._drop_device_step()
         self._k = self._v = self._cos = self._sin = self._lengths = None
         self._plan = None
         self._plan_epoch = self._layout_epoch = None
@@ -592,6 +601,61 @@ class Backbone:
         """(k, v) each (L, B, Hkv, S, D)."""
         return self._k, self._v
 
+    @property
+    def rope_tables(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(cos, sin) each (S, D) fp32, rows = positions of the allocated cache."""
+        return self._cos, self._sin
+
+    # ---- decode on CUDA (omni_edge/device_step.py) ----------------------------------------------
+
+    def _device_step(self):
+        """The DeviceStep for the current cache and weights (rebuilt, dropping its graphs, when they change)."""
+        from omni_edge.device_step import DeviceStep
+        if self._dstep is None or self._dstep.key != DeviceStep.key_of(self):
+            self._drop_device_step()
+            self._dstep = DeviceStep(self)
+        return self._dstep
+
+    def _drop_device_step(self) -> None:
+        if getattr(self, "_dstep", None) is not None:
+            self._dstep.reset()
+        self._dstep = None
+
+    def decode_step(self, input_ids: Optional[torch.Tensor] = None, *,
+                    inputs_embeds: Optional[torch.Tensor] = None, start: int):
+        """One new position per sequence: input_ids (B, 1) or inputs_embeds (B, 1, C) at `start` -> (hidden
+        (B, 1, C) after the final norm, logits (B, V) fp32), K/V written at `start`. The same numbers as
+        `forward` then `logits(hidden[:, -1])`. On CUDA it is one replay of a graph holding the layers, the
+        final norm and the lm_head (no host synchronisation, nothing allocated); the returned tensors are then
+        the graph's output buffers, overwritten by the next step: copy what you keep."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("decode_step: give exactly one of input_ids or inputs_embeds")
+        if self._k is None:
+            raise ValueError("decode_step: no KV cache; call allocate_cache(max_len, batch) first")
+        x = input_ids if input_ids is not None else inputs_embeds
+        want = (self.batch, 1) if input_ids is not None else (self.batch, 1, self.config.hidden_size)
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:
+            name = "input_ids" if input_ids is not None else "inputs_embeds"
+            raise ValueError(f"{name}: expected shape {want} (one position per sequence of the cache's batch), "
+                             f"got {tuple(getattr(x, 'shape', ()))}")
+        if self.device.type == "cuda":
+            if input_ids is not None and input_ids.device.type not in ("cpu", self.device.type):
+                raise ValueError(f"input_ids: expected a tensor on cpu or {self.device}, got {input_ids.device}")
+            if inputs_embeds is not None:
+                inputs_embeds = inputs_embeds.to(device=self.device, dtype=self.dtype)
+            return self._device_step().run(start, ids=input_ids, embeds=inputs_embeds, logits=True)
+        h = self.forward(input_ids, inputs_embeds=inputs_embeds, start=start)
+        return h, self.logits(h[:, -1])
+
+    def decode_path(self) -> str:
+        """One line: how a one-position step runs on this backbone and cache (for describe() and stats)."""
+        if self._k is None:
+            return "no KV cache allocated"
+        if self.device.type == "cuda":
+            return self._device_step().describe()
+        reason = self.native_decode_supported()
+        return "native cpu step (csrc/decode)" if reason is None else f"python layer loop ({reason})"
+
     # ---- compute ------------------------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -625,6 +689,10 @@ class Backbone:
                              f"(max_len={self.max_len}); allocate a longer cache")
         if t == 1 and b == 1 and not h.requires_grad and self.native_decode_supported() is None:
             return self._native_step(h, start)
+        if t == 1 and self.device.type == "cuda" and not h.requires_grad:
+            step = self._device_step()
+            hidden, _ = step.run(start, embeds=h, logits=False)
+            return hidden.clone() if step.last_static else hidden
         cos, sin = self._cos[start:start + t], self._sin[start:start + t]
         lengths = None
         if t == 1:

@@ -12,6 +12,7 @@ effect at once. A value that is not one of the allowed ones is not silently igno
 | OMNI_EDGE_NATIVE        | 0, 1                          | 1              | set("native", False)         |
 | OMNI_EDGE_NATIVE_DECODE | 0, 1                          | 1              | set("native_decode", False)  |
 | OMNI_EDGE_Q4_EXACT      | 0, 1                          | 0              | set("q4_exact", True)        |
+| OMNI_EDGE_CUDA_GRAPH    | 0, 1                          | 1              | set("cuda_graph", False)     |
 | OMNI_EDGE_CACHE         | a folder                      | ~/.cache/omni_edge | set("cache_dir", path)   |
 
 OMNI_EDGE_CACHE is the one cache folder: the CUDA self-check results (`selfcheck.json`) and the test-model
@@ -31,12 +32,13 @@ from typing import List, Optional
 
 ISAS = ("scalar", "neon", "avx2", "avx512")
 ENV = {"isa": "OMNI_EDGE_ISA", "native": "OMNI_EDGE_NATIVE", "native_decode": "OMNI_EDGE_NATIVE_DECODE",
-       "q4_exact": "OMNI_EDGE_Q4_EXACT", "cache_dir": "OMNI_EDGE_CACHE"}
+       "q4_exact": "OMNI_EDGE_Q4_EXACT", "cuda_graph": "OMNI_EDGE_CUDA_GRAPH", "cache_dir": "OMNI_EDGE_CACHE"}
 MEANING = {
     "isa": "caps the CPU instruction set of the native kernels",
     "native": "0: torch reference paths everywhere instead of the native kernels",
     "native_decode": "0: the Python layer loop instead of the native whole-model decode step",
     "q4_exact": "1: exact fp32-activation q4 matmul instead of the int8-activation one",
+    "cuda_graph": "0: CUDA decode steps run eagerly instead of replaying a captured CUDA graph",
     "cache_dir": "cache folder (CUDA self-check results, converted test models)",
 }
 
@@ -47,6 +49,7 @@ class Settings:
     native: bool = True
     native_decode: bool = True
     q4_exact: bool = False
+    cuda_graph: bool = True
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "omni_edge")
     source: dict = field(default_factory=dict)  # knob -> "default" | "environment" | "set()"
     problems: tuple = ()  # one line per environment value that was refused

@@ -9,9 +9,12 @@ Hq must be a multiple of Hkv: grouped-query attention, query head h reads kv hea
     `lengths` (B,) int32, optional: sequence b holds only lengths[b] valid positions; keys at positions >=
     lengths[b] are ignored and the outputs of queries at positions >= lengths[b] are zero.
     Returns (B, T, Hq, D) in q's dtype.
-- `decode(q, k_cache, v_cache, lengths, *, scale=None, num_splits=None) -> out`
+- `decode(q, k_cache, v_cache, lengths, *, scale=None, num_splits=None, workspace=None, out=None,
+  check_lengths=True) -> out`
     One new query per sequence, q (B, Hq, D); sequence b attends to cache positions [0, lengths[b]) (the
     current token's key/value already written; lengths[b] == 0 gives zeros). Returns (B, Hq, D).
+    `workspace` (from `decode_workspace`, sized once for a cache) and `out` let a decode loop allocate
+    nothing; `check_lengths=False` skips reading CUDA `lengths` back to the host (see below).
 - `varlen(q, k, v, cu_seqlens, *, scale=None) -> out`
     Non-causal attention inside each segment of a packed batch (the ViT's images, the audio encoder's
     chunks): q, k, v (N, H, D); segment i is rows cu_seqlens[i] .. cu_seqlens[i+1]-1 (int32, first 0, last N).
@@ -29,13 +32,15 @@ head dims up to 256 (64, 80 and 128 are specialised on CUDA); larger ones use th
 - CUDA: prefill / varlen is a tiled flash-attention-style kernel (fp32 CUDA-core math, online softmax);
   decode splits each sequence's keys across blocks and merges the partial softmax states in a second kernel.
   Checking `lengths` reads them on the host (one synchronisation); it is skipped while a CUDA graph is being
-  captured, and the kernels clamp lengths to [0, S] so bad values never cause out-of-bounds reads.
+  captured and with `check_lengths=False` (the backbone's decode step validates the position once, as a host
+  integer, and keeps lengths in a device buffer), and the kernels clamp lengths to [0, S] so bad values never
+  cause out-of-bounds reads. CPU lengths are always checked (reading host memory costs no synchronisation).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -142,13 +147,13 @@ def _check_cache(q, k_cache, v_cache, hq: int, d: int):
     return b, hkv, s
 
 
-def _check_lengths(lengths, b: int, s: int, device) -> torch.Tensor:
+def _check_lengths(lengths, b: int, s: int, device, values: bool = True) -> torch.Tensor:
     _check.tensor("lengths", lengths, dtype=torch.int32, shape=(b,))
     if lengths.device != device:
         raise ValueError(f"lengths: expected a tensor on {device}, got {lengths.device}")
     if b == 0:
         return lengths
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and (not values or torch.cuda.is_current_stream_capturing()):
         # Reading the values would synchronise (and break the capture); the CUDA kernels clamp lengths to
         # [0, S] themselves, so a bad value cannot cause an out-of-bounds read.
         return lengths
@@ -200,35 +205,94 @@ def prefill(q, k_cache, v_cache, *, start: int, lengths=None, scale=None):
     return out
 
 
-def decode(q, k_cache, v_cache, lengths, *, scale=None, num_splits: Optional[int] = None):
+class DecodeWorkspace(NamedTuple):
+    """What a decode call on one cache shape needs besides its inputs, made once (`decode_workspace`).
+    CUDA: the split count chosen for the device and cache capacity, and the fp32 buffer the splits' partial
+    softmax states go to (None when one split needs none). CPU: the requested split count (0: from the
+    thread count), no buffer."""
+    shape: tuple  # (B, Hq, Hkv, S, D) it was sized for
+    device: torch.device
+    num_splits: int
+    buffer: Optional[torch.Tensor]  # (nbytes / 4,) fp32 on the device, or None
+
+
+def decode_workspace(b: int, hq: int, hkv: int, s: int, d: int, device, *,
+                     num_splits: Optional[int] = None) -> DecodeWorkspace:
+    """The split plan and scratch buffer of `decode` for caches (B, Hkv, S, D) and Hq query heads on `device`,
+    sized for the worst case (every sequence at the full capacity S): allocate once with the cache, pass to
+    every decode call (`decode(..., workspace=ws)`), which then allocates nothing but its output (or nothing
+    with `out=`)."""
+    device = torch.device(device)
+    for name, v in (("batch", b), ("query heads", hq), ("kv heads", hkv), ("cache capacity", s), ("head_dim", d)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"decode_workspace: {name} must be a positive integer, got {v!r}")
+    if hq % hkv:
+        raise ValueError(f"decode_workspace: {hq} query heads is not a multiple of {hkv} kv heads")
+    if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= 1024):
+        raise ValueError(f"num_splits: expected None or an integer in [1, 1024], got {num_splits!r}")
+    if device.type != "cuda" or not _native(device, d):
+        return DecodeWorkspace((b, hq, hkv, s, d), device, num_splits or 0, None)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    splits, nbytes = _native_lib().attention_decode_cuda_plan(b, hq, hkv, s, d, index, num_splits or 0)
+    buf = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=device) if nbytes else None
+    return DecodeWorkspace((b, hq, hkv, s, d), torch.device("cuda", index), int(splits), buf)
+
+
+def decode(q, k_cache, v_cache, lengths, *, scale=None, num_splits: Optional[int] = None,
+           workspace: Optional[DecodeWorkspace] = None, out: Optional[torch.Tensor] = None,
+           check_lengths: bool = True):
     """See the module docstring. `num_splits` (tuning and tests): how many pieces each sequence's keys are
     split into, each processed in parallel and merged by their softmax statistics; None chooses from the
-    thread count (CPU) or the number of multiprocessors (CUDA)."""
+    thread count (CPU) or the number of multiprocessors (CUDA). `workspace`: from `decode_workspace` for
+    these shapes (then `num_splits` comes from it). `out`: a preallocated (B, Hq, D) result of q's dtype.
+    `check_lengths=False`: CUDA lengths are not read back (no host synchronisation); the kernels clamp them
+    to [0, S], so a wrong value gives wrong attention but never an out-of-bounds read."""
     _check.tensor("q", q, dtype=_check.FLOAT_DTYPES, ndim=3)
     b, hq, d = q.shape
     _, hkv, s = _check_cache(q, k_cache, v_cache, hq, d)
     if k_cache.shape[0] != b:
         raise ValueError(f"k_cache: batch {k_cache.shape[0]} does not match q's batch {b}")
-    _check_lengths(lengths, b, s, q.device)
+    _check_lengths(lengths, b, s, q.device, values=check_lengths)
     if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= 1024):
         raise ValueError(f"num_splits: expected None or an integer in [1, 1024], got {num_splits!r}")
+    if workspace is not None:
+        if not isinstance(workspace, DecodeWorkspace):
+            raise ValueError(f"workspace: expected an attention.DecodeWorkspace, got {type(workspace).__name__}")
+        if workspace.shape != (b, hq, hkv, s, d) or workspace.device.type != q.device.type or (
+                q.device.type == "cuda" and workspace.device != _cuda_device(q.device)):
+            raise ValueError(f"workspace: made for shapes (B, Hq, Hkv, S, D) = {workspace.shape} on "
+                             f"{workspace.device}, got {(b, hq, hkv, s, d)} on {q.device}")
+        num_splits = workspace.num_splits or None
+    if out is not None:
+        _check.tensor("out", out, dtype=q.dtype, shape=(b, hq, d), device=q.device)
     if not _native(q.device, d):
-        return decode_ref(q, k_cache, v_cache, lengths, scale=scale)
-    out = torch.empty_like(q)
+        ref = decode_ref(q, k_cache, v_cache, lengths, scale=scale)
+        return ref if out is None else out.copy_(ref)
+    if out is None:
+        out = torch.empty_like(q)
     if out.numel() == 0:
         return out
     lib = _native_lib()
     args = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), b, hq, hkv, s, d,
             lengths.data_ptr(), _scale(scale, d), _check.DTYPE_CODE[q.dtype])
     if q.device.type == "cuda":
-        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-        splits, nbytes = lib.attention_decode_cuda_plan(b, hq, hkv, s, d, index, num_splits or 0)
-        ws = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=q.device)
+        if workspace is None:
+            index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+            splits, nbytes = lib.attention_decode_cuda_plan(b, hq, hkv, s, d, index, num_splits or 0)
+            ws = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=q.device)
+        else:
+            splits, ws = workspace.num_splits, workspace.buffer
+            nbytes = 0 if ws is None else ws.numel() * 4
         with torch.cuda.device(q.device):
-            lib.attention_decode_cuda(*args, splits, ws.data_ptr(), nbytes, _check.cuda_stream(q.device))
+            lib.attention_decode_cuda(*args, splits, 0 if ws is None else ws.data_ptr(), nbytes,
+                                      _check.cuda_stream(q.device))
     else:
         lib.attention_decode_cpu(*args, num_splits or 0)
     return out
+
+
+def _cuda_device(device: torch.device) -> torch.device:
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def varlen(q, k, v, cu_seqlens, *, scale=None):

@@ -591,12 +591,15 @@ def _native_lib():
 
 
 def matmul(x: torch.Tensor, w: QWeight, *, exact: Optional[bool] = None,
-           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+           out: Optional[torch.Tensor] = None, workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W + bias for x (..., K) fp32/bf16/fp16 -> (..., N) in x's dtype.
 
     Native kernel where available (CPU: INT8-activation path unless exact / OMNI_EDGE_Q4_EXACT=1 /
     set_exact(True); CUDA: fp32 accumulation), else the torch reference. `out`: an optional preallocated
-    contiguous (..., N) tensor of x's dtype on x's device (a decode loop can then allocate nothing)."""
+    contiguous (..., N) tensor of x's dtype on x's device (a decode loop can then allocate nothing).
+    `workspace` (CUDA): a preallocated uint8 device buffer of at least `cuda_workspace_bytes(m, w)` bytes
+    (m = rows of x) that the kernel's activation staging uses instead of a fresh one per call; ignored on
+    the CPU, whose per-thread scratch is grown once and reused."""
     if not isinstance(w, QWeight):
         raise ValueError(f"qweight: expected omni_edge.ops.q4.QWeight, got {type(w).__name__}")
     k = w.in_features
@@ -625,13 +628,33 @@ def matmul(x: torch.Tensor, w: QWeight, *, exact: Optional[bool] = None,
         ws = _cpu_workspace(nbytes)
         lib.q4_matmul_cpu(w._handle, x.data_ptr(), dt, m, y.data_ptr(), mode, ws.data_ptr(), ws.numel())
     else:
-        _cuda_matmul(lib, x, w, y, m, dt, 0)
+        _cuda_matmul(lib, x, w, y, m, dt, 0, workspace)
     return y
 
 
-def _cuda_matmul(lib, x: torch.Tensor, w: QWeight, y: torch.Tensor, m: int, dt: int, kernel: int) -> None:
+def cuda_workspace_bytes(m: int, *weights: QWeight) -> int:
+    """Bytes of the CUDA workspace `matmul(..., workspace=)` needs for m rows of x, the largest over
+    `weights` (size one buffer for every linear of a model)."""
+    if not weights:
+        return 0
+    return max(max(_native_lib().q4_cuda_workspace_bytes(m, w.padded_in_features) for w in weights), 16)
+
+
+def _cuda_matmul(lib, x: torch.Tensor, w: QWeight, y: torch.Tensor, m: int, dt: int, kernel: int,
+                 workspace: Optional[torch.Tensor] = None) -> None:
     nbytes = lib.q4_cuda_workspace_bytes(m, w.padded_in_features)
-    ws = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=x.device)  # caching allocator: no sync
+    if workspace is None:
+        ws = torch.empty(max(nbytes, 16), dtype=torch.uint8, device=x.device)  # caching allocator: no sync
+    else:
+        if not (isinstance(workspace, torch.Tensor) and workspace.dtype == torch.uint8 and workspace.dim() == 1
+                and workspace.device == x.device and workspace.is_contiguous()):
+            raise ValueError(f"workspace: expected a contiguous 1-D uint8 tensor on {x.device}, got "
+                             f"{getattr(workspace, 'dtype', type(workspace).__name__)} on "
+                             f"{getattr(workspace, 'device', '?')}")
+        if workspace.numel() < nbytes:
+            raise ValueError(f"workspace: {workspace.numel()} bytes, this matmul (M={m}, "
+                             f"Kp={w.padded_in_features}) needs {nbytes}")
+        ws = workspace
     lib.q4_matmul_cuda(w._handle, x.data_ptr(), dt, m, y.data_ptr(), kernel, ws.data_ptr(), ws.numel(),
                        _check.cuda_stream(x.device))
 
