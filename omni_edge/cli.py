@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "demo": ("omni_edge.demo", "build a tiny model in a temporary folder and run it end to end"),
     "quantize": ("omni_edge.quantize.cli", "quantize a checkpoint's backbone to 4-bit and write an edge bundle"),
     "export": ("omni_edge.export.cli", "write ONNX graphs of the dense stages (vision, audio, speech) into a bundle"),
+    "bench": ("omni_edge.bench", "measure prefill and decode speed, time to first token, memory and bandwidth use"),
     "info": ("omni_edge.info", "show what was built and what this machine offers"),
     "verify": ("omni_edge.verify", "check every file of an edge bundle against its manifest (sha256)"),
     "inspect": ("omni_edge.inspection", "show what a checkpoint or bundle holds: modules, precisions, sizes"),
