@@ -393,7 +393,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=cli_args.int_range(1, 100), default=DEFAULT_REPEATS, metavar="N",
                    help=f"timed repetitions of prefill + decode after a warm-up (default {DEFAULT_REPEATS})")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="activation / dense-weight dtype (default: float32 on cpu, the checkpoint's on cuda)")
+                   help="activation / dense-weight dtype (default float32)")
     p.add_argument("--quant", choices=("none", "rtn4"), default="none",
                    help="rtn4: round the dense decoder linears to 4 bits at load (as chat --quant)")
     p.add_argument("--bandwidth-mb", type=cli_args.int_range(16, 1 << 16), default=DEFAULT_BANDWIDTH_MB,

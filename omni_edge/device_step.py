@@ -62,7 +62,7 @@ class DeviceStep:
         lins = [lin for layer in bb.layers for lin in layer.linears.values()] + [bb.lm_head]
         qws = [lin.qweight for lin in lins if lin.quantized]
         self._q4_ws = None  # (bytes,) uint8, the largest activation staging any 4-bit linear needs at M = B
-        if qws and dev.type == "cuda":
+        if qws and dev.type == "cuda" and _dispatch.native_enabled("q4", dev):
             self._q4_ws = torch.empty(q4.cuda_workspace_bytes(b, *qws), dtype=torch.uint8, device=dev)
         self._attn_ws = attention.decode_workspace(b, cfg.num_attention_heads, cfg.num_key_value_heads,
                                                    bb.max_len, cfg.head_dim, dev)
@@ -167,22 +167,28 @@ class DeviceStep:
         k_all, v_all = bb.kv_cache  # (L, B, Hkv, S, D)
         cos_t, sin_t = bb.rope_tables  # (S, D) fp32
         cos, sin = cos_t.index_select(0, self._pos), sin_t.index_select(0, self._pos)  # (1, D)
-        split = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h = self._h_in
         for i, layer in enumerate(bb.layers):
             lin = layer.linears
             x = rms_norm(h, layer.input_layernorm, eps)
             if cfg.packed_qkv:
-                q, k, v = self._linear(lin["self_attn.W_pack"], x).split(split, dim=-1)
+                # RoPE of the q and k heads in one pass over the [q | k] columns of W_pack's output: elementwise
+                # per head, so the same numbers as two calls, in half the kernel launches
+                qkv = self._linear(lin["self_attn.W_pack"], x)  # (B, 1, (Hq + 2 Hkv) D)
+                qk = apply_rope(qkv[..., :cfg.q_size + cfg.kv_size].reshape(b, 1, hq + hkv, d), cos, sin)
+                q, k = qk[:, :, :hq], qk[:, :, hq:]
+                v = qkv[..., cfg.q_size + cfg.kv_size:].reshape(b, 1, hkv, d)
             else:
                 q, k, v = (self._linear(lin[n], x) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
-            q = apply_rope(q.reshape(b, 1, cfg.num_attention_heads, cfg.head_dim), cos, sin)
-            k = apply_rope(k.reshape(b, 1, cfg.num_key_value_heads, cfg.head_dim), cos, sin)
-            v = v.reshape(b, 1, cfg.num_key_value_heads, cfg.head_dim)
+                q = apply_rope(q.reshape(b, 1, hq, d), cos, sin)
+                k = apply_rope(k.reshape(b, 1, hkv, d), cos, sin)
+                v = v.reshape(b, 1, hkv, d)
             kc, vc = k_all[i], v_all[i]  # (B, Hkv, S, D)
             kc.index_copy_(2, self._pos, k.transpose(1, 2))
             vc.index_copy_(2, self._pos, v.transpose(1, 2))
-            o = attention.decode(q[:, 0], kc, vc, self._lengths, workspace=self._attn_ws, check_lengths=False)
+            q = q[:, 0] if b == 1 else q[:, 0].contiguous()  # (B, Hq, D); with B == 1 the slice is contiguous
+            o = attention.decode(q, kc, vc, self._lengths, workspace=self._attn_ws, check_lengths=False)
             h = h + self._linear(lin["self_attn.o_proj"], o.reshape(b, 1, cfg.q_size))
             x = rms_norm(h, layer.post_attention_layernorm, eps)
             h = h + self._linear(lin["mlp.down_proj"],

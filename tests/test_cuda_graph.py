@@ -54,7 +54,7 @@ def graphs():
 # CPU: the step body against the Python layer loop
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("packed,quant,batch", [(True, "none", 1), (False, "none", 2), (True, "rtn4", 1)])
+@pytest.mark.parametrize("packed,quant,batch", [(True, "none", 1), (False, "none", 2), (True, "rtn4", 1), (True, "rtn4", 2)])
 @torch.no_grad()
 def test_step_matches_layer_loop(python_loop, one_thread, packed, quant, batch):
     cfg, (ref, ours) = _pair(packed, quant)
