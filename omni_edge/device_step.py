@@ -50,6 +50,12 @@ class DeviceStep:
     def __init__(self, bb):
         if bb.kv_cache[0] is None:
             raise ValueError("decode step: no KV cache; call allocate_cache(max_len, batch) first")
+        # ordinary tensors even when built inside an inference_mode region (a chat turn), so that steps run
+        # outside one may still fill them
+        with torch.inference_mode(False):
+            self._setup(bb)
+
+    def _setup(self, bb) -> None:
         cfg = bb.config
         dev, b = bb.device, bb.batch
         self.bb = bb
@@ -105,7 +111,7 @@ class DeviceStep:
 
     # ---- one step -----------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the buffers and results stay ordinary tensors for any caller
     def run(self, start: int, *, ids: Optional[torch.Tensor] = None, embeds: Optional[torch.Tensor] = None,
             logits: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Position `start` of every sequence: ids (B,) / (B, 1) integers, or embeds (B, 1, C) -> (hidden (B, 1, C)

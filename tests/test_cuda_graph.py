@@ -340,3 +340,17 @@ def test_cuda_workspaces():
         q4.matmul(x, w, workspace=torch.empty(8, dtype=torch.uint8, device=dev))
     with pytest.raises(ValueError, match="workspace: expected a contiguous 1-D uint8 tensor"):
         q4.matmul(x, w, workspace=torch.empty(need, dtype=torch.float32, device=dev))
+
+
+def test_step_built_in_inference_mode_runs_outside(one_thread):
+    """A chat turn (inference_mode) may build the step; a later call outside one must still run it."""
+    cfg, (bb, ref) = _pair()
+    for b in (bb, ref):
+        b.allocate_cache(6)
+    with torch.inference_mode():
+        h1, _ = bb._device_step().run(0, ids=torch.tensor([3]))
+    h2, _ = bb._device_step().run(1, ids=torch.tensor([4]))
+    with torch.no_grad():
+        ref.forward(torch.tensor([[3, 4]]), start=0)
+        want = ref.forward(torch.tensor([[4]]), start=1)
+    assert torch.allclose(h2, want, rtol=1e-5, atol=1e-5)  # prefill vs decode kernels: fp32 summation order
