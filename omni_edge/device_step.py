@@ -136,7 +136,8 @@ class DeviceStep:
             graph = self._graphs.get(logits) or self._capture(logits)
             if graph is not None:
                 g, h, lg = graph
-                g.replay()
+                with torch.cuda.device(self.device):
+                    g.replay()
                 self.last_static = True
                 return h, lg
         self.last_static = False
@@ -209,19 +210,23 @@ class DeviceStep:
         inputs for the current step are already in the buffers, so the warm-up computes this very step (its
         K/V write is repeated, with the same values, by the replay that follows)."""
         dev = self.device
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            self._body(with_logits)  # errors here are the step's own (bad weights...): they propagate
-        torch.cuda.current_stream(dev).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        try:
-            # "relaxed": calls that are merely unsafe under capture (a lazily loaded kernel, a pointer-attribute
-            # query in the native launchers) do not abort it; anything that synchronises still does.
-            with torch.cuda.graph(g, capture_error_mode="relaxed"):
-                h, lg = self._capture_body(with_logits)
-        except Exception as e:  # capture impossible here: run eagerly from now on, say why
-            self._failed = f"capture failed: {_one_line(e)}"
+        with torch.cuda.device(dev):  # the capture stream and the graph belong to the weights' GPU
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                self._body(with_logits)  # errors here are the step's own (bad weights...): they propagate
+            torch.cuda.current_stream(dev).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            try:
+                # "relaxed": calls that are merely unsafe under capture (a lazily loaded kernel, a pointer-
+                # attribute query in the native launchers) do not abort it; anything that synchronises does.
+                with torch.cuda.graph(g, capture_error_mode="relaxed"):
+                    h, lg = self._capture_body(with_logits)
+                failure = None
+            except Exception as e:  # capture impossible here: run eagerly from now on, say why
+                failure = e
+        if failure is not None:
+            self._failed = f"capture failed: {_one_line(failure)}"
             try:
                 g.reset()
             except Exception:

@@ -182,6 +182,95 @@ def test_attention_decode_workspace_and_out(one_thread):
         attention.decode_workspace(b, 5, 2, s, d, "cpu")
 
 
+class _StandInGraphs:
+    """torch.cuda's stream and graph calls replaced, on the CPU, by stand-ins that keep their contract as the
+    step uses it: capture records which graph holds which outputs; replay recomputes the captured body from
+    the input buffers into those same output tensors. This runs the step's graph bookkeeping (capture once per
+    kind, fill the buffers, replay, hand back the static outputs, fall back on a failed capture) without a GPU;
+    what the real capture records is checked by the `cuda` tests below."""
+
+    def __init__(self, monkeypatch):
+        import contextlib
+
+        self.captures = self.replays = 0
+        self.step = None
+        outer = self
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        class Graph:
+            def replay(self):
+                outer.replays += 1
+                for kind, (g, h, lg) in outer.step._graphs.items():
+                    if g is self:
+                        nh, nl = outer.step._body(kind)
+                        h.copy_(nh)
+                        if lg is not None:
+                            lg.copy_(nl)
+
+            def reset(self):
+                pass
+
+        @contextlib.contextmanager
+        def graph(g, capture_error_mode="global"):
+            assert capture_error_mode == "relaxed"
+            outer.captures += 1
+            yield
+
+        for name, value in (("Stream", Stream), ("current_stream", lambda device=None: Stream()),
+                            ("stream", lambda s: contextlib.nullcontext()),
+                            ("device", lambda d: contextlib.nullcontext()), ("CUDAGraph", Graph), ("graph", graph)):
+            monkeypatch.setattr(torch.cuda, name, value)
+        monkeypatch.setattr(DeviceStep, "graph_reason", lambda self: self._failed)  # as on a GPU with the knob on
+
+
+@torch.no_grad()
+def test_graph_bookkeeping_with_stand_ins(python_loop, one_thread, monkeypatch):
+    fake = _StandInGraphs(monkeypatch)
+    cfg, (ref, bb) = _pair()
+    prompt = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
+    for b in (ref, bb):
+        b.allocate_cache(24)
+        b.forward(prompt, start=0)
+    step = fake.step = DeviceStep(bb)
+    assert step.describe() == "cuda graph, replayed per token (captured at the first step)"
+    tok, first = torch.tensor([[5]]), None
+    for pos in range(9, 15):
+        h, logits = step.run(pos, ids=tok)
+        assert step.last_static
+        first = first or (h, logits)
+        assert h is first[0] and logits is first[1]  # the same output buffers every step
+        h_ref = ref.forward(tok, start=pos)
+        l_ref = ref.logits(h_ref[:, -1])
+        assert torch.equal(h, h_ref) and torch.equal(logits, l_ref), pos  # position and lengths taken each step
+        tok = l_ref.argmax(-1, keepdim=True)
+    assert (fake.captures, fake.replays) == (1, 6)
+    h, none = step.run(15, ids=tok, logits=False)  # the hidden-states-only kind: its own graph
+    assert none is None and (fake.captures, fake.replays) == (2, 7)
+    assert torch.equal(h, ref.forward(tok, start=15))
+    assert step.describe() == ("cuda graph, replayed per token (layers + final norm, "
+                               "layers + final norm + lm_head)")
+
+    def broken(self, with_logits):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DeviceStep, "_capture_body", broken)
+    step2 = fake.step = DeviceStep(bb)
+    h, logits = step2.run(16, ids=tok)
+    assert not step2.last_static and fake.replays == 7
+    assert step2.describe() == ("eager device step (no cuda graph: capture failed: RuntimeError: operation not "
+                                "permitted when stream is capturing)")
+    h_ref = ref.forward(tok, start=16)
+    assert torch.equal(logits, ref.logits(h_ref[:, -1]))
+    step2.run(17, ids=tok)
+    assert fake.captures == 3  # one failed try, then eager for good
+
+
 # ------------------------------------------------------------------------------------------------
 # CUDA
 # ------------------------------------------------------------------------------------------------
