@@ -36,9 +36,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
-
-from omni_edge import cli_args
+from omni_edge import cli_args  # torch is imported where used: `omni-edge --help` stays light
 
 DEFAULT_PROMPT_TOKENS = 128
 DEFAULT_DECODE_TOKENS = 64
@@ -130,6 +128,8 @@ def cpu_read_bandwidth(threads: int, *, total_bytes: int = DEFAULT_BANDWIDTH_MB 
 def cuda_copy_bandwidth(device, *, nbytes: int = DEFAULT_BANDWIDTH_MB << 20, reps: int = 10) -> Dict[str, float]:
     """Device-to-device copy of `nbytes` (capped at a quarter of the free memory), timed with CUDA events;
     GB/s counts the bytes read plus the bytes written. Median / min / max over `reps` copies."""
+    import torch
+
     device = torch.device(device)
     free, _ = torch.cuda.mem_get_info(device)
     nbytes = max(1 << 20, min(nbytes, free // 4)) // 16 * 16
@@ -152,7 +152,7 @@ def cuda_copy_bandwidth(device, *, nbytes: int = DEFAULT_BANDWIDTH_MB << 20, rep
 # Bytes per decode token
 # ------------------------------------------------------------------------------------------------
 
-def _tensor_bytes(t: Optional[torch.Tensor]) -> int:
+def _tensor_bytes(t) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
@@ -173,7 +173,7 @@ def decode_bytes(bb, keys: float) -> Dict[str, float]:
     for layer in bb.layers:
         weights += _tensor_bytes(layer.input_layernorm) + _tensor_bytes(layer.post_attention_layernorm)
         weights += sum(linear_bytes(lin) for lin in layer.linears.values())
-    elt = torch.empty((), dtype=bb.dtype).element_size()
+    elt = bb.embed_tokens.element_size()  # the cache holds K/V in the model dtype, as the embedding
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elt * float(keys)
     return {"weights": float(weights), "kv": kv, "total": weights + kv}
 
@@ -185,39 +185,50 @@ def decode_bytes(bb, keys: float) -> Dict[str, float]:
 class _Clock:
     """Host clock on the CPU, CUDA events on a GPU: start(), stop() -> a handle; seconds(handle) after sync()."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device):
+        import torch
+
+        self.torch = torch
         self.cuda = device.type == "cuda"
         self.device = device
 
     def start(self):
         if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
+            e = self.torch.cuda.Event(enable_timing=True)
             e.record()
             return e
         return time.perf_counter()
 
     def stop(self, begin):
         if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
+            e = self.torch.cuda.Event(enable_timing=True)
             e.record()
             return begin, e
         return begin, time.perf_counter()
 
     def sync(self) -> None:
         if self.cuda:
-            torch.cuda.synchronize(self.device)
+            self.torch.cuda.synchronize(self.device)
 
     def seconds(self, span) -> float:
         a, b = span
         return a.elapsed_time(b) / 1e3 if self.cuda else b - a
 
 
-@torch.inference_mode()
 def bench_backbone(bb, *, prompt_tokens: int, decode_tokens: int, repeats: int = DEFAULT_REPEATS,
                    seed: int = 0) -> Dict[str, object]:
     """Prefill `prompt_tokens` random tokens then decode `decode_tokens` greedily, `repeats` times after one
     warm-up, on a Backbone whose cache holds at least prompt_tokens + decode_tokens positions (batch 1).
     Returns prefill / time-to-first-token / decode figures (medians with min and max) and bytes per token."""
+    import torch
+
+    with torch.inference_mode():
+        return _bench_backbone(bb, prompt_tokens, decode_tokens, repeats, seed)
+
+
+def _bench_backbone(bb, prompt_tokens: int, decode_tokens: int, repeats: int, seed: int):
+    import torch
+
     if bb.batch != 1 or bb.max_len < prompt_tokens + decode_tokens:
         raise ValueError(f"bench: the cache must be batch 1 with >= {prompt_tokens + decode_tokens} positions, "
                          f"got batch {bb.batch}, {bb.max_len} positions")
@@ -274,6 +285,8 @@ def run_bench(path, *, device: str = "cpu", prompt_tokens: int = DEFAULT_PROMPT_
               bandwidth_mb: int = DEFAULT_BANDWIDTH_MB, seed: int = 0) -> Dict[str, object]:
     """Load the model at `path` (pipeline.load: ModelLoadError, a ValueError, for a bad folder or device),
     benchmark its backbone and measure the bandwidth; returns the result dict that `--json` prints."""
+    import torch
+
     from omni_edge import pipeline
     from omni_edge.config import load_config
 
