@@ -12,7 +12,9 @@ Public surface (other code and outside checks call these):
   W[k, n] = scales[g_idx[k], n] * (q[k, n] - zero[g_idx[k], n]);  y = x @ W + bias.
   It repacks them ONCE into the kernels' tiled layout (FORMAT.md §2) on the tensors' device and keeps only
   that layout (the GPTQ tensors are not retained; `to_gptq()` rebuilds them bit-exactly).
-- `matmul(x, qweight, *, exact=None) -> y` for x (..., K) in fp32/bf16/fp16 -> y (..., N) in x's dtype.
+- `matmul(x, qweight, *, exact=None, out=None, workspace=None) -> y` for x (..., K) in fp32/bf16/fp16 -> y (..., N)
+  in x's dtype; `out` and (CUDA) `workspace` (`cuda_workspace_bytes(m, *weights)` bytes, made once) let a
+  decode loop allocate nothing.
 - `QWeight.dequantize() -> (K, N)` fp32 weight (the transpose of torch's Linear weight).
 - `quantize_rtn(weight, group_size, sym)`: round-to-nearest GPTQ tensors from a dense (N, K) Linear weight.
 - `pack_gptq` / `unpack_gptq`: bit-exact conversions between integer codes and the packed GPTQ tensors;
