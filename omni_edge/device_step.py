@@ -65,14 +65,14 @@ class DeviceStep:
         self._h_in = torch.zeros(b, 1, cfg.hidden_size, dtype=bb.dtype, device=dev)  # (B, 1, C)
         self._pos = torch.zeros(1, dtype=torch.int64, device=dev)  # (1,)
         self._lengths = torch.ones(b, dtype=torch.int32, device=dev)  # (B,)
-        lins = [lin for layer in bb.layers for lin in layer.linears.values()] + [bb.lm_head]
+        lins = [lin for layer in bb.layers for lin in layer.linears.values()]
         qws = [lin.qweight for lin in lins if lin.quantized]
-        self._q4_ws = None  # (bytes,) uint8, the largest activation staging any 4-bit linear needs at M = B
+        self._q4_ws = None  # (bytes,) uint8, the largest activation staging any 4-bit decoder linear needs at M = B
         if qws and dev.type == "cuda" and _dispatch.native_enabled("q4", dev):
             self._q4_ws = torch.empty(q4.cuda_workspace_bytes(b, *qws), dtype=torch.uint8, device=dev)
         self._attn_ws = attention.decode_workspace(b, cfg.num_attention_heads, cfg.num_key_value_heads,
                                                    bb.max_len, cfg.head_dim, dev)
-        self._uses_q4 = bool(qws)
+        self._uses_q4 = bool(qws) or bool(getattr(bb.lm_head, "quantized", False))
         self._graphs: Dict[bool, Tuple[torch.cuda.CUDAGraph, torch.Tensor, Optional[torch.Tensor]]] = {}
         self._failed: Optional[str] = None  # the capture's failure, once it failed
         self.last_static = False  # the last run returned the graph's own output buffers
@@ -201,7 +201,8 @@ class DeviceStep:
             h = h + self._linear(lin["mlp.down_proj"],
                                  F.silu(self._linear(lin["mlp.gate_proj"], x)) * self._linear(lin["mlp.up_proj"], x))
         h = rms_norm(h, bb.norm, eps)
-        return h, (self._linear(bb.lm_head, h[:, -1]).float() if with_logits else None)
+        # the Backbone's own lm_head call, whatever kind of head it holds (same numbers as forward + logits)
+        return h, (bb.logits(h[:, -1]) if with_logits else None)
 
     # ---- capture ------------------------------------------------------------------------------
 
