@@ -443,3 +443,28 @@ def test_step_built_in_inference_mode_runs_outside(one_thread):
         ref.forward(torch.tensor([[3, 4]]), start=0)
         want = ref.forward(torch.tensor([[4]]), start=1)
     assert torch.allclose(h2, want, rtol=1e-5, atol=1e-5)  # prefill vs decode kernels: fp32 summation order
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("quant", ["none", "rtn4"])
+@torch.no_grad()
+def test_graph_on_tiny_checkpoint(tiny_omni, graphs, quant):
+    """The tiny omni checkpoint (real tensor names, Qwen vocabulary): graph replay == eager step, 6 positions."""
+    from omni_edge.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(tiny_omni)
+    eager, graphed = (Backbone.from_checkpoint(ckpt, device="cuda", quant=quant) for _ in range(2))
+    prompt = torch.tensor([[9707, 151667, 1, 2, 151668]], device="cuda")
+    for bb in (eager, graphed):
+        bb.allocate_cache(16)
+        bb.forward(prompt, start=0)
+    tok = torch.tensor([[42]], device="cuda")
+    for pos in range(5, 11):
+        graphs(False)
+        _, l_e = eager.decode_step(tok, start=pos)
+        graphs(True)
+        _, l_g = graphed.decode_step(tok, start=pos)
+        assert graphed._dstep.last_static, graphed.decode_path()
+        _close(l_g, l_e, f"logits at {pos}")
+        tok = l_e.argmax(-1, keepdim=True)
