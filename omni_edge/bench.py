@@ -9,7 +9,8 @@ What is measured, `repeats` times after one untimed warm-up (which also captures
   host).
 - decode: N steps of `Backbone.decode_step` after that prompt, each feeding the previous argmax (on a GPU
   the token never leaves the device, so the loop does not wait for the host); decode tok/s = 1 / the median
-  step time over every step of every repeat.
+  step time over every step of every repeat. On a GPU whose step replays a CUDA graph, the same decode run
+  eagerly (OMNI_EDGE_CUDA_GRAPH=0) is measured in the same run as the peer, with the ratio.
 - peak memory: the process's peak resident set (CPU; it includes the load) or torch's peak allocated CUDA
   memory since the model was loaded (weights, cache, graph pools).
 - bytes per decode token: what one step must stream: every weight as held (4-bit codes + scales + zeros +
@@ -229,6 +230,8 @@ def bench_backbone(bb, *, prompt_tokens: int, decode_tokens: int, repeats: int =
 def _bench_backbone(bb, prompt_tokens: int, decode_tokens: int, repeats: int, seed: int):
     import torch
 
+    from omni_edge import knobs
+
     if bb.batch != 1 or bb.max_len < prompt_tokens + decode_tokens:
         raise ValueError(f"bench: the cache must be batch 1 with >= {prompt_tokens + decode_tokens} positions, "
                          f"got batch {bb.batch}, {bb.max_len} positions")
@@ -260,6 +263,14 @@ def _bench_backbone(bb, prompt_tokens: int, decode_tokens: int, repeats: int, se
         prefill_s.append(p)
         step_s.extend(steps)
     keys = prompt_tokens + (decode_tokens + 1) / 2  # mean keys attended over the decode positions
+    peer = {}
+    if dev.type == "cuda" and knobs.settings().cuda_graph and bb.decode_path().startswith("cuda graph"):
+        # the peer in the same run: the same step run eagerly (the launches one by one from Python)
+        with knobs.override(cuda_graph=False):
+            eager_s = []
+            for _ in range(repeats):
+                eager_s.extend(one(decode_tokens)[1])
+        peer = {"decode_tok_s_eager": _stats([1 / s for s in eager_s])}
     return {
         "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "repeats": repeats,
         "prefill_tok_s": _stats([prompt_tokens / s for s in prefill_s]),
@@ -268,6 +279,7 @@ def _bench_backbone(bb, prompt_tokens: int, decode_tokens: int, repeats: int, se
         "decode_step_ms": _stats([1e3 * s for s in step_s]),
         "bytes_per_token": decode_bytes(bb, keys),
         "decode_path": bb.decode_path(),
+        **peer,
     }
 
 
@@ -369,6 +381,12 @@ def format_table(r: Dict[str, object]) -> str:
          "prefill + lm_head + argmax"),
         ("decode", f"{r['decode_tok_s']['median']:.1f} tok/s", _range(r["decode_tok_s"], ".1f"),
          f"median of {r['decode_tokens']} steps x {r['repeats']}"),
+    ]
+    if "decode_tok_s_eager" in r:
+        e = r["decode_tok_s_eager"]
+        rows.append(("decode, eager step (peer)", f"{e['median']:.1f} tok/s", _range(e, ".1f"),
+                     f"no CUDA graph, same run: the graph is {r['decode_tok_s']['median'] / e['median']:.2f}x"))
+    rows += [
         ("peak memory", f"{r['peak_memory']['bytes'] / 2**20:.0f} MiB", "", r["peak_memory"]["kind"]),
         ("bytes per decode token", f"{b['total'] / 1e6:.2f} MB", "",
          f"weights {b['weights'] / 1e6:.2f} MB + KV {b['kv'] / 1e6:.2f} MB"),

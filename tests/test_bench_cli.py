@@ -136,3 +136,6 @@ def test_bench_cuda(tiny_omni, capsys):
     assert r["peak_memory"]["kind"] == "torch peak CUDA memory allocated" and r["peak_memory"]["bytes"] > 0
     assert r["bandwidth_gb_s"]["median"] > 0 and "CUDA events" in r["bandwidth_gb_s"]["kind"]
     assert 0 < r["decode_tok_s"]["min"] <= r["decode_tok_s"]["max"]
+    if r["decode_path"].startswith("cuda graph"):  # the eager step measured beside the graph
+        assert 0 < r["decode_tok_s_eager"]["min"] <= r["decode_tok_s_eager"]["max"]
+        assert "decode, eager step (peer)" in bench.format_table(r)
