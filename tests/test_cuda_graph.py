@@ -468,3 +468,43 @@ def test_graph_on_tiny_checkpoint(tiny_omni, graphs, quant):
         assert graphed._dstep.last_static, graphed.decode_path()
         _close(l_g, l_e, f"logits at {pos}")
         tok = l_e.argmax(-1, keepdim=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# RVQ decode without a host read of the codes
+# ------------------------------------------------------------------------------------------------
+
+def _books(device):
+    g = torch.Generator().manual_seed(8)
+    return [torch.randn(n, 40, generator=g).to(device) for n in (16, 9, 5)]
+
+
+def test_rvq_decode_unchecked_still_checked_on_cpu():
+    from omni_edge.ops import rvq
+    books = _books("cpu")
+    codes = torch.tensor([[3, 8, 4], [15, 0, 0]])
+    assert torch.equal(rvq.decode(codes, books, check=False), rvq.decode(codes, books))
+    with pytest.raises(ValueError, match=r"codes\[1, 1\] = 9 is outside \[0, 9\)"):
+        rvq.decode(torch.tensor([[3, 8, 4], [15, 9, 0]]), books, check=False)  # host memory: checked anyway
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_rvq_decode_unchecked_cuda():
+    from omni_edge.ops import rvq
+    books = _books("cuda")
+    codes = torch.tensor([[3, 8, 4], [15, 9, 0], [0, 1, 2]], device="cuda")  # row 1: code 9 >= 9 rows
+    from omni_edge.ops import _dispatch
+    _dispatch.native_enabled("rvq", codes.device)  # the kernels' first-use self-check synchronises: before
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = rvq.decode(codes, books, check=False)  # no host read of the codes
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isnan(out[1]).all()  # the bad frame is NaN; nothing outside a codebook was read
+    good = codes[[0, 2]]
+    # gathers and fp32 adds in layer order on both sides: bit-exact
+    assert torch.equal(out[[0, 2]], rvq.decode_ref(good, books))
+    with pytest.raises(ValueError, match=r"codes\[1, 1\] = 9 is outside \[0, 9\)"):
+        rvq.decode(codes, books)

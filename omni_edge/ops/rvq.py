@@ -6,9 +6,12 @@ device; Baichuan-Omni-1.5 has L = 8 fp32 codebooks of 8192, 4096, 2048, 1024 x 5
 keeps the tensors in place (a pointer table, no copy) and precomputes the squared row norms encode needs;
 every op accepts either the list or a `Codebooks`.
 
-- `decode(codes, codebooks) -> out` (T, D) fp32: out[t] = sum over l of codebook[l][codes[t, l]], added in
-  layer order in fp32. codes (T, L) int64 or int32. A code outside [0, n_l) raises ValueError naming it
-  before any codebook row is read (the kernels check again themselves).
+- `decode(codes, codebooks, *, check=True) -> out` (T, D) fp32: out[t] = sum over l of
+  codebook[l][codes[t, l]], added in layer order in fp32. codes (T, L) int64 or int32. A code outside
+  [0, n_l) raises ValueError naming it before any codebook row is read (the kernels check again themselves).
+  `check=False` on CUDA skips that host check (it reads the codes back: one synchronisation per call), for
+  codes a sampler just drew on the device: the kernel still never reads outside a codebook, and a frame with
+  a bad code comes out NaN. CPU codes are always checked (host memory: nothing to synchronise).
 - `encode(x, codebooks) -> codes` (T, L) **int64**: greedy residual nearest neighbour in fp32. x (T, D)
   fp32 / bf16 / fp16 (converted to fp32), finite with |x| <= MAX_ENCODE_ABS (1e9), else ValueError. r = x; at each layer the code is the argmin over rows i of
   sum_d (r_d - c_{i,d})^2, evaluated in float64 from the fp32 values (exact up to ~D * 2^-53 relative, far
@@ -134,11 +137,11 @@ def encode_ref(x: torch.Tensor, codebooks) -> torch.Tensor:
 # Public ops
 # ------------------------------------------------------------------------------------------------
 
-def _check_codes(codes: torch.Tensor, books: Codebooks) -> None:
+def _check_codes(codes: torch.Tensor, books: Codebooks, values: bool = True) -> None:
     _check.tensor("codes", codes, dtype=_CODE_DTYPES, ndim=2, device=books.device)
     if codes.shape[1] != books.num_layers:
         raise ValueError(f"codes: expected shape (*, {books.num_layers}) (one code per codebook), got {tuple(codes.shape)}")
-    if codes.numel() == 0:
+    if codes.numel() == 0 or (not values and codes.device.type == "cuda"):
         return
     limit = torch.tensor(books.sizes, dtype=codes.dtype, device=codes.device)
     bad = (codes < 0) | (codes >= limit)
@@ -148,11 +151,13 @@ def _check_codes(codes: torch.Tensor, books: Codebooks) -> None:
                          f"(the size of codebook {l})")
 
 
-def decode(codes: torch.Tensor, codebooks) -> torch.Tensor:
-    """Sum of the coded rows of every layer: codes (T, L) int64/int32 -> (T, D) fp32."""
+def decode(codes: torch.Tensor, codebooks, *, check: bool = True) -> torch.Tensor:
+    """Sum of the coded rows of every layer: codes (T, L) int64/int32 -> (T, D) fp32. `check=False`: see the
+    module docstring (CUDA: no host read of the codes; a bad code gives a NaN frame, never a stray read)."""
     books = _books(codebooks)
-    _check_codes(codes, books)
-    if not _dispatch.native_enabled("rvq", books.device):
+    native = _dispatch.native_enabled("rvq", books.device)
+    _check_codes(codes, books, values=check or not native)  # the torch reference would index out of bounds
+    if not native:
         return decode_ref(codes, books)
     t = codes.shape[0]
     out = torch.empty(t, books.dim, dtype=torch.float32, device=books.device)
@@ -162,7 +167,8 @@ def decode(codes: torch.Tensor, codebooks) -> torch.Tensor:
     is64 = codes.dtype == torch.int64
     lib = _native_lib()
     if books.device.type == "cuda":
-        # no device error flag (0): the codes were range-checked above, and reading a flag would sync the host
+        # no device error flag (0): the codes were range-checked above (or check=False asked for no host read),
+        # and reading a flag would sync the host; the kernel writes NaN for a frame with a bad code
         with torch.cuda.device(books.device):
             lib.rvq_decode_cuda(codes.data_ptr(), is64, t, ptrs, sizes, dim, dt, out.data_ptr(), 0,
                                 _check.cuda_stream(books.device))
