@@ -118,7 +118,7 @@ class DeviceStep:
         after the final norm, logits (B, V) fp32 or None). K/V are written at `start`. When `last_static` is
         True afterwards the tensors are the graph's output buffers, overwritten by the next replay."""
         bb = self.bb
-        b, s = bb.batch, bb.max_len
+        s = bb.max_len
         if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < s:
             raise ValueError(f"start: position {start!r} is outside the allocated cache (max_len={s})")
         if (ids is None) == (embeds is None):
