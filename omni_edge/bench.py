@@ -65,7 +65,8 @@ def cpu_read_bandwidth(threads: int, *, total_bytes: int = DEFAULT_BANDWIDTH_MB 
     import numpy as np
 
     if threads < 1 or streams < 1 or reps < 1:
-        raise ValueError(f"cpu_read_bandwidth: threads, streams and reps must be >= 1, got {threads}, {streams}, {reps}")
+        raise ValueError(f"cpu_read_bandwidth: threads, streams and reps must be >= 1, "
+                         f"got {threads}, {streams}, {reps}")
     per_array = max(SLICE_BYTES, total_bytes // (threads * streams)) // 8 * 8
     words = per_array // 8
     arrays = [[np.full(words, i * streams + j + 1, dtype=np.uint64) for j in range(streams)] for i in range(threads)]
@@ -390,7 +391,8 @@ def format_table(r: Dict[str, object]) -> str:
         ("peak memory", f"{r['peak_memory']['bytes'] / 2**20:.0f} MiB", "", r["peak_memory"]["kind"]),
         ("bytes per decode token", f"{b['total'] / 1e6:.2f} MB", "",
          f"weights {b['weights'] / 1e6:.2f} MB + KV {b['kv'] / 1e6:.2f} MB"),
-        ("achieved", f"{r['achieved_gb_s']:.2f} GB/s", "", f"{r['percent_of_bandwidth']:.1f}% of the measured bandwidth"),
+        ("achieved", f"{r['achieved_gb_s']:.2f} GB/s", "",
+         f"{r['percent_of_bandwidth']:.1f}% of the measured bandwidth"),
         ("measured bandwidth", f"{bw['median']:.1f} GB/s", _range(bw, ".1f"), bw["kind"]),
     ]
     if "reader_ceiling" in bw:

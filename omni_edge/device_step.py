@@ -17,13 +17,14 @@ and `lengths` with fill_ (a kernel argument, not a copy from host memory). The b
 Python layer loop computes (same ops, same kernels, same split plan), so its results are bit-identical to it.
 
 CUDA graph: with OMNI_EDGE_CUDA_GRAPH=1 (the default; omni_edge/knobs.py) the first step of each kind
-(hidden states only, or hidden states + final norm + lm_head logits) runs once eagerly on a side stream as
-warm-up (kernel loading, the kernels' self-check, cuBLAS setup), is captured into a torch.cuda.CUDAGraph,
+(layers + final norm for `forward`, layers + final norm + lm_head for `decode_step`) runs once eagerly on a
+side stream as warm-up (kernel loading, the kernels' self-check, cuBLAS setup), is captured into a torch.cuda.CUDAGraph,
 and every later step only fills the input buffers and replays it: a whole token is one graph launch. The
 graph bakes in the addresses of the weights, the cache and the workspaces; the Backbone builds a new
 DeviceStep (dropping the graphs) whenever one of them changes (`DeviceStep.key`). Where capture is impossible
 (the knob is off, an op family runs its torch reference, or the capture itself fails) the same body runs
-eagerly, still without host synchronisation where the kernels are native, and `reason` says why in one line.
+eagerly, still without host synchronisation where the kernels are native, and `graph_reason()` (and
+`describe()`, which `Backbone.decode_path()` returns) says why in one line.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ class DeviceStep:
                 q, k = qk[:, :, :hq], qk[:, :, hq:]
                 v = qkv[..., cfg.q_size + cfg.kv_size:].reshape(b, 1, hkv, d)
             else:
-                q, k, v = (self._linear(lin[n], x) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+                q, k, v = (self._linear(lin["self_attn." + n], x) for n in ("q_proj", "k_proj", "v_proj"))
                 q = apply_rope(q.reshape(b, 1, hq, d), cos, sin)
                 k = apply_rope(k.reshape(b, 1, hkv, d), cos, sin)
                 v = v.reshape(b, 1, hkv, d)

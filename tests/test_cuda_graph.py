@@ -54,7 +54,8 @@ def graphs():
 # CPU: the step body against the Python layer loop
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("packed,quant,batch", [(True, "none", 1), (False, "none", 2), (True, "rtn4", 1), (True, "rtn4", 2)])
+@pytest.mark.parametrize("packed,quant,batch",
+                         [(True, "none", 1), (False, "none", 2), (True, "rtn4", 1), (True, "rtn4", 2)])
 @torch.no_grad()
 def test_step_matches_layer_loop(python_loop, one_thread, packed, quant, batch):
     cfg, (ref, ours) = _pair(packed, quant)
@@ -163,7 +164,8 @@ def test_attention_decode_workspace_and_out(one_thread):
     """decode with a workspace made once and a preallocated output gives the same result as a plain call."""
     g = torch.Generator().manual_seed(6)
     b, hq, hkv, s, d = 2, 6, 2, 37, 24
-    q, kc, vc = torch.randn(b, hq, d, generator=g), torch.randn(b, hkv, s, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
+    q = torch.randn(b, hq, d, generator=g)
+    kc, vc = torch.randn(b, hkv, s, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
     lengths = torch.tensor([5, 37], dtype=torch.int32)
     ws = attention.decode_workspace(b, hq, hkv, s, d, "cpu")
     out = torch.empty(b, hq, d)
