@@ -32,8 +32,10 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -336,6 +338,176 @@ def gguf_tensor_bytes(path) -> int:
     from gguf import GGUFReader
 
     return int(sum(t.n_bytes for t in GGUFReader(path).tensors))
+
+
+# ------------------------------------------------------------------------------------------------
+# A random-weight GGUF with the Qwen2.5-7B shapes, for llama.cpp
+# ------------------------------------------------------------------------------------------------
+
+def _byte_level_chars():
+    """The 256 single-character tokens of a byte-level BPE vocabulary (GPT-2's printable remapping of bytes):
+    llama.cpp looks the byte tokens up by these strings when it loads a "gpt2" vocabulary."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    extra = 0
+    out = []
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+# llama.cpp's Q4_K_M recipe for a 28-layer model: Q4_K everywhere except attn_v / ffn_down on the layers
+# that get more bits (first and last eighth, every third one between) and the output in Q6_K.
+def _more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _gguf_types(kind: str, name: str, layer: int, n_layers: int):
+    from gguf import GGMLQuantizationType as T
+
+    if name == "output":
+        return T.Q6_K
+    if kind == "q4_0":
+        return T.Q4_0
+    if name in ("attn_v", "ffn_down") and _more_bits(layer, n_layers):
+        return T.Q6_K
+    return T.Q4_K
+
+
+def _random_blocks(rng, qtype, rows: int, cols: int):
+    """Random quantized blocks (uint8, (rows, bytes per row)) with sane fp16 scales: the codes are random
+    bytes, the block scales small positive constants (the values never matter for speed, NaNs would)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    nblk = rows * cols // block
+    a = np.frombuffer(rng.bytes(nblk * size), dtype=np.uint8).reshape(nblk, size).copy()
+    d = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
+    if qtype in (T.Q4_0, T.Q8_0):      # d (fp16) first
+        a[:, 0:2] = d
+    elif qtype == T.Q4_K:              # d, dmin (fp16) first, then 12 bytes of 6-bit scales
+        a[:, 0:2] = d
+        a[:, 2:4] = d
+    elif qtype == T.Q6_K:              # ql[128] qh[64] scales[16] (int8) d (fp16) last
+        a[:, 192:208] &= 0x1F
+        a[:, 208:210] = d
+    return a.reshape(rows, cols // block * size)
+
+
+def write_random_gguf(path: Path, cfg, kind: str = "q4_0", seed: int = 0) -> Path:
+    """A qwen2-architecture GGUF with cfg's shapes and random quantized weights (`kind` q4_0 or q4_k_m; the
+    output matrix in Q6_K, llama.cpp's choice for both), written tensor by tensor (no dense weights made)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFWriter, LlamaFileType, TokenType
+
+    c, f, v, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    nq, nkv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    plan = [("token_embd.weight", "token_embd", -1, (v, c)), ("output_norm.weight", None, -1, (c,)),
+            ("output.weight", "output", -1, (v, c))]
+    for i in range(L):
+        b = f"blk.{i}."
+        plan += [(b + "attn_norm.weight", None, i, (c,)),
+                 (b + "attn_q.weight", "attn_q", i, (nq, c)), (b + "attn_q.bias", None, i, (nq,)),
+                 (b + "attn_k.weight", "attn_k", i, (nkv, c)), (b + "attn_k.bias", None, i, (nkv,)),
+                 (b + "attn_v.weight", "attn_v", i, (nkv, c)), (b + "attn_v.bias", None, i, (nkv,)),
+                 (b + "attn_output.weight", "attn_output", i, (c, nq)), (b + "ffn_norm.weight", None, i, (c,)),
+                 (b + "ffn_gate.weight", "ffn_gate", i, (f, c)), (b + "ffn_up.weight", "ffn_up", i, (f, c)),
+                 (b + "ffn_down.weight", "ffn_down", i, (c, f))]
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    w = GGUFWriter(tmp, "qwen2")
+    w.add_name("random Qwen2.5-7B shapes")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(c)
+    w.add_block_count(L)
+    w.add_feed_forward_length(f)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_file_type(LlamaFileType.MOSTLY_Q4_0 if kind == "q4_0" else LlamaFileType.MOSTLY_Q4_K_M)
+    # a byte-level BPE vocabulary of the right size: the 256 byte tokens, then placeholders (the benchmark
+    # feeds token ids, so no text is ever tokenized)
+    tokens = _byte_level_chars()
+    tokens += [f"<|t{i}|>" for i in range(len(tokens), v)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([TokenType.NORMAL] * v)
+    w.add_token_merges(["! !"])
+    w.add_bos_token_id(v - 1)
+    w.add_eos_token_id(v - 2)
+    types = {}
+    for name, kind_name, layer, shape in plan:
+        if kind_name is None:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
+        else:
+            qt = types[name] = _gguf_types(kind, kind_name, layer, L)
+            block, size = GGML_QUANT_SIZES[qt]
+            bshape = (shape[0], shape[1] // block * size)
+            w.add_tensor_info(name, bshape, np.dtype(np.uint8), bshape[0] * bshape[1], raw_dtype=qt)
+    w.write_header_to_file(tmp)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(seed)
+    for name, kind_name, layer, shape in plan:
+        if kind_name is None:
+            arr = np.ones(shape, np.float32) if name.endswith("norm.weight") else \
+                (rng.standard_normal(shape, dtype=np.float32) * 0.02)
+        else:
+            arr = _random_blocks(rng, types[name], *shape)
+        w.write_tensor_data(arr)
+        del arr
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def random_gguf(cfg, kind: str, cache_dir: str | None) -> Path:
+    """The random GGUF for `kind`, written once per shape set and kept in `cache_dir` (default: temp dir)."""
+    tag = f"{cfg.num_hidden_layers}x{cfg.hidden_size}x{cfg.intermediate_size}x{cfg.vocab_size}"
+    path = Path(cache_dir or tempfile.gettempdir()) / f"omni_edge_bench_qwen7b_{kind}_{tag}.gguf"
+    if not path.exists():
+        t0 = time.perf_counter()
+        write_random_gguf(path, cfg, kind)
+        print(f"  wrote {path.name} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s")
+    return path
+
+
+def gguf_decode_bytes(path, skip=("token_embd.weight",)) -> int:
+    """Tensor bytes a decode step streams from a GGUF (every tensor but the embedding table, of which it
+    reads one row)."""
+    from gguf import GGUFReader
+
+    return int(sum(t.n_bytes for t in GGUFReader(path).tensors if t.name not in skip))
+
+
+class LlamaCpp:
+    """One llama.cpp model kept loaded, measured like ours: prefill = one eval over the prompt from an
+    empty cache; decode = one eval per token after it."""
+
+    def __init__(self, path, n_ctx: int, threads: int):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads,
+                                   n_threads_batch=threads, n_batch=512, verbose=False)
+
+    def run(self, prompt_ids, steps: int):
+        llm = self.llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt_ids)
+        pre = len(prompt_ids) / (time.perf_counter() - t0)
+        tok = int(prompt_ids[-1])
+        step_t = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            llm.eval([tok])
+            step_t.append(time.perf_counter() - t0)
+        return pre, step_t[1:] if len(step_t) > 2 else step_t
 
 
 # ------------------------------------------------------------------------------------------------
