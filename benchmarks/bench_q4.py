@@ -5,8 +5,9 @@ rotates over enough weight copies to exceed --rotate-gb, so the last-level cache
 Prefill: one GEMM row (M = --prefill-m) in GFLOP/s.
 
 Columns: median / min / max milliseconds per call (each call timed alone, after warm-up), achieved GB/s over
-the bytes the path reads for its weights, % of this machine's DRAM read bandwidth measured at the start of
-the same run (torch sum over a 2 GB array, all threads; a triad is shown beside it), and `ours x`: the
+the bytes the path reads for its weights, % of this machine's DRAM read ceiling measured at the start of
+the same run (membw.py: several arrays on huge pages read by all threads with AVX loads, best of 7; a torch
+triad is shown beside it), and `ours x`: the
 peer's median time over ours (> 1: ours is faster). Peers:
   torch fp32          x @ W with W dense fp32 (8x the bytes)
   torch int4          aten._weight_int4pack_mm_for_cpu (bf16 activations), weights from
@@ -15,6 +16,10 @@ peer's median time over ours (> 1: ours is faster). Peers:
   ORT MatMulNBits L4  the same, accuracy_level 4 (int8 activations, like our INT8 path)
 ORT runs one graph holding one MatMulNBits node per weight copy (all reading the same A; every copy's bytes
 differ), so its per-call overhead is amortised as in a real model graph; its figure is (graph time) / copies.
+
+Huge pages A/B (--hugepages-shape): two sets of copies of one layer, one left on 4 KiB pages
+(OMNI_EDGE_Q4_HUGEPAGES=0 when the kernel first sees it), one collapsed to 2 MiB pages by the kernel's first
+call, timed in alternating rounds at 1 and --threads threads.
 
 Usage: python benchmarks/bench_q4.py [--threads 2] [--reps 7] [--rotate-gb 1.2] [--prefill-m 128]
        [--shapes 3584x4608,3584x3584] [--skip-peers]
