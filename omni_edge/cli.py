@@ -88,7 +88,6 @@ def main(argv=None) -> int:
     except BrokenPipeError:
         # the reader went away (`omni-edge chat ... | head`): end quietly, and keep the interpreter's final
         # flush of stdout from raising again
-        import os
 
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
