@@ -587,6 +587,8 @@ class SpeechStream:
             mel = self.speech.mel(codes, self._noise, stats=self.stats)
             self.cfm_frames += mel.shape[1]
             self._full_done = mel.shape[1] // CHUNK * CHUNK
+            if not final and not preview:  # a chunk decode sends finished chunks only, as the cached path
+                mel = mel[:, :self._full_done]
         else:
             mel = self._decode_incremental(codes, final, preview)
             if mel is None:

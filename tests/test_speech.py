@@ -452,3 +452,18 @@ def test_stream_decode_clause_uses_the_clause_seed(speech, vocoder):
         s.push(frame)
     s.end_clause()
     torch.testing.assert_close(s.decode_clause(codes), decode_clause(speech, vocoder, codes, seed=6), atol=0, rtol=0)
+
+
+def test_stream_with_an_opaque_estimator_reruns_the_clause(speech, vocoder, monkeypatch):
+    """An estimator that takes no caches (an ONNX session) streams by re-running the clause so far at each
+    decode: same decode points, same pinned statistics, same samples after the preview seam (1e-5)."""
+    codes = random_codes(speech.codebook_sizes, 30, seed=17)
+    want, s_inc = _stream(speech, vocoder, [codes])
+    monkeypatch.setitem(speech.__dict__, "estimator_fn", lambda x, mu, t: speech.estimator(x, mu, t))
+    assert not speech.incremental
+    got, s = _stream(speech, vocoder, [codes])
+    assert [c.shape[0] for c in got] == [c.shape[0] for c in want]
+    assert s.cfm_frames == mel_frames(10) + mel_frames(26) + mel_frames(30)  # the clause so far, each time
+    torch.testing.assert_close(torch.stack(s.stats_history[0]), torch.stack(s_inc.stats_history[0]), atol=0, rtol=0)
+    start = got[0].shape[0] + 240
+    torch.testing.assert_close(torch.cat(got)[start:], torch.cat(want)[start:], atol=1e-5, rtol=0)
