@@ -198,7 +198,7 @@ def main():
             def on_audio(chunk):
                 got["calls"] += 1
 
-            total, pushes = 0.0, []
+            total = 0.0
             s = SpeechStream(speech, voc, on_audio, first_codes=first)
             with torch.no_grad():
                 for i, frame in enumerate(codes):

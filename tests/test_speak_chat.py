@@ -185,8 +185,8 @@ def test_play_sends_24khz_float_chunks_in_order(speaking, tmp_path, monkeypatch)
     monkeypatch.setattr(m, "speech_outputs", small_hops)
     err = io.StringIO()
     out = SpeechOut(m, str(tmp_path / "r.wav"), play=True, first_frames=1, seed=0, err=err)
-    reply = out.send(m.session(seed=0), "Hello", SamplingParams(max_new_tokens=BUDGET, temperature=0), write=lambda t: None,
-             numbered=False, on_notice=lambda t: None)
+    reply = out.send(m.session(seed=0), "Hello", SamplingParams(max_new_tokens=BUDGET, temperature=0),
+                     write=lambda t: None, numbered=False, on_notice=lambda t: None)
     assert err.getvalue() == ""
     (st,) = fake.streams
     assert st.kw == {"samplerate": 24000, "channels": 1, "dtype": "float32"}
