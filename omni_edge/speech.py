@@ -16,10 +16,13 @@ Interface (used by the audio head / `omni_edge.speak`; the pipeline builds the t
     mel = speech.mel(codes)                                       # (80, T) fp32; noise=None -> NoiseBuffer(0)
     wave = decode_clause(speech, vocoder, codes, noise=None)      # offline: float32 (480 T,), T = 4N - 1
 
-    stream = SpeechStream(speech, vocoder, on_audio=callback)     # callback(chunk: torch float32 (n,), 24 kHz)
+    stream = SpeechStream(speech, vocoder, on_audio=callback,     # callback(chunk: torch float32 (n,), 24 kHz)
+                          first_codes=10, hop_codes=None, norm_stats="first", seed=0)
     for frame in frames: stream.push(frame)                       # frame: LongTensor (8,), one per 80 ms
     stream.end_clause()                                           # flush the clause (at the EOS frame)
-    wave = stream.decode_clause(codes, noise=None)                # offline decode with the stream's seed
+    stream.stats_history[-1]                                      # the clause's pinned GroupNorm (mean, var)
+    wave = stream.decode_clause(codes, noise=None, stats=None)    # offline decode with the stream's seed
+    mel = speech.cfm(mu, noise)                                   # (1, 80, T) each: chunk by chunk (CfmStream)
     speech.describe(), vocoder.describe()                         # backends and why
 
 The EOS frame (code_0 == 8192) is not pushed: call `end_clause()` instead. `codes` rows hold one code per
