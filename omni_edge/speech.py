@@ -53,7 +53,8 @@ Streaming and what "equal to offline" means here (`SpeechStream`):
   frame count of n codes is 4n - 1); the rest of the clause at `end_clause()`.
 - Each frame goes through the decoder, prenet and CFM once: the decoder and prenet keep K/V caches, the
   CFM keeps per Euler step the K/V and causal-conv context of the finished chunks (`omni_edge.flow.
-  CfmStream`, ~2.3 MB per mel frame in fp32, ~115 MB per second of speech, freed at the clause end). A
+  CfmStream`, 4.6 MB per mel frame in fp32, 230 MB per second of speech, freed at the clause end; with
+  `cache="inputs"` a quarter of that, for K/V recomputed from the kept layer inputs at each chunk). A
   streamed clause costs its offline decode plus its previews (the first `first_codes` codes' frames, and
   each `hop_codes` preview's partial chunk); the offline decode runs chunk by chunk through the same code.
 - Clauses are joined as the reference's `wave_concat` joins segments: an extra 240-sample linear cross-fade
@@ -427,9 +428,9 @@ class SpeechDecoder(nn.Module):
         """True when the estimator and decoder run in torch (chunk caches); an ONNX graph runs whole clauses."""
         return self.estimator_fn is self.estimator and self.decoder_fn is None
 
-    def cfm_stream(self) -> CfmStream:
+    def cfm_stream(self, cache: str = "kv") -> CfmStream:
         p = self.params
-        return CfmStream(self.estimator, p.n_steps, p.cfg_rate, p.scheduler)
+        return CfmStream(self.estimator, p.n_steps, p.cfg_rate, p.scheduler, cache=cache)
 
     @torch.no_grad()
     def cfm(self, mu: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -493,19 +494,24 @@ class SpeechStream:
         pinned (tests pass the whole clause's statistics, which makes the stream equal the reference).
     seed: CFM and vocoder noise; clause k uses seed + k (each clause starts with fresh noise, as the
       reference draws new noise per segment).
+    cache: the CFM chunk caches, "kv" (4.6 MB per mel frame, nothing recomputed) or "inputs" (1.15 MB per
+      frame, K/V of earlier chunks recomputed at each chunk); see `omni_edge.flow.CfmStream`.
 
     With the torch estimator each mel frame is decoded once per clause (chunk caches, `omni_edge.flow`),
     plus the frames of each preview; with ONNX graphs every decode re-runs the clause so far."""
 
     def __init__(self, speech: SpeechDecoder, vocoder, on_audio: Callable, *, first_codes: Optional[int] = 10,
                  hop_codes: Optional[int] = None, seed: int = 0, norm_stats="first",
-                 lookahead: Optional[int] = None, fade: bool = True):
+                 lookahead: Optional[int] = None, fade: bool = True, cache: str = "kv"):
         from omni_edge.vocoder import VocoderStream  # noqa: F401 (fail early if missing)
 
         if first_codes is not None and (not isinstance(first_codes, int) or first_codes < 1):
             raise SpeechError(f"first_codes: expected None or an integer >= 1, got {first_codes!r}")
         if hop_codes is not None and (not isinstance(hop_codes, int) or hop_codes < 1):
             raise SpeechError(f"hop_codes: expected None or an integer >= 1, got {hop_codes!r}")
+        if cache not in ("kv", "inputs"):
+            raise SpeechError(f"cache: expected 'kv' or 'inputs', got {cache!r}")
+        self.cache = cache
         if not (callable(norm_stats) or norm_stats in ("first", "clause")):
             raise SpeechError(f"norm_stats: expected 'first', 'clause' or a callable, got {norm_stats!r}")
         self.hop_codes = hop_codes
@@ -538,7 +544,7 @@ class SpeechStream:
         self._dec_codes = 0  # codes through the decoder
         self._dec_frames = 0  # decoder frames done (4 n - 1 for n codes)
         self._mu_todo = None  # (1, 80, k): mu of frames [cfm.done, _dec_frames)
-        self._cfm = self.speech.cfm_stream() if self.speech.incremental else None
+        self._cfm = self.speech.cfm_stream(self.cache) if self.speech.incremental else None
         self._mel_done: List[torch.Tensor] = []  # (80, n) fp32 pieces of finished chunks
         self._full_done = 0  # ONNX path: frames of finished chunks decoded so far
 

@@ -367,6 +367,11 @@ def test_stream_decodes_each_frame_once(speech, vocoder):
     _, s = _stream(speech, vocoder, [codes], first_codes=None)
     assert s.cfm_frames == mel_frames(57)
     assert s.cache_bytes > 0 and s._cfm.nbytes() == 0
+    want, _ = _stream(speech, vocoder, [codes[:30]])
+    got, s = _stream(speech, vocoder, [codes[:30]], cache="inputs")
+    torch.testing.assert_close(torch.cat(got), torch.cat(want), atol=1e-5, rtol=0)
+    with pytest.raises(SpeechError, match="cache"):
+        SpeechStream(speech, vocoder, lambda c: None, cache="none")
 
 
 def test_chunked_cfm_equals_one_masked_pass(speech):
@@ -389,6 +394,15 @@ def test_chunked_cfm_equals_one_masked_pass(speech):
     torch.testing.assert_close(torch.cat([a, b], -1), one, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="ended"):  # kept frames ended mid-chunk: the clause is over
         cs.run(mu[..., :5], z[..., :5])
+    ci = speech.cfm_stream(cache="inputs")  # layer inputs kept, K/V recomputed: same values, less memory
+    c = torch.cat([ci.run(mu[..., :100], z[..., :100]), ci.run(mu[..., 100:200], z[..., 100:200])], -1)
+    kv = speech.cfm_stream()
+    kv.run(mu[..., :200], z[..., :200])
+    attn = [m for m in speech.estimator.modules() if type(m).__name__ == "_Attention"]
+    inner, dim = attn[0].heads * attn[0].head_dim, attn[0].to_q.in_features
+    assert kv.nbytes() - ci.nbytes() == len(attn) * 10 * 2 * 200 * (2 * inner - dim) * 4  # steps, passes, fp32
+    c = torch.cat([c, ci.run(mu[..., 200:], z[..., 200:])], -1)
+    torch.testing.assert_close(c, one, atol=1e-5, rtol=0)
 
 
 def test_incremental_decoder_equals_offline(speech, vocoder):
