@@ -10,9 +10,9 @@ Stages, per clause of N codes (N / 12.5 s of speech, 4N - 1 mel frames):
   cfm              mu -> mel: 10 Euler steps x 2 guided passes of the 71 M-parameter U-Net
   vocoder          mel -> 24 kHz wave (HiFT, fp32)
   chain            all three (offline decode of the clause)
-  stream           the same clause pushed code by code through SpeechStream (preview after 10 codes or none,
-                   each chunk decoded once when complete, the rest at the end): total compute, its ratio to
-                   our offline chain, and time to first audio
+  stream F C       the same clause pushed code by code through SpeechStream (preview after F = 10 codes or
+                   none, each chunk decoded once when complete, the rest at the end; CFM chunk cache C = kv or
+                   inputs): total compute, its ratio to our offline chain, and time to first audio
 
 Peer (same run, same threads): the straightforward torch transcription of the reference formulation from
 tests/test_speech.py and tests/test_vocoder.py: the two guidance passes run one after the other at batch 1,
@@ -192,14 +192,14 @@ def main():
             print(f"{'':16} (for the onnxrt rows, 'peer' is our torch module)")
 
         # streaming: compute of every push, time to first audio; with a preview after 10 codes and without
-        for first in (10, None):
+        for first, cache in ((10, "kv"), (None, "kv"), (10, "inputs")):
             got = {"first": None, "calls": 0}
 
             def on_audio(chunk):
                 got["calls"] += 1
 
             total = 0.0
-            s = SpeechStream(speech, voc, on_audio, first_codes=first)
+            s = SpeechStream(speech, voc, on_audio, first_codes=first, cache=cache)
             with torch.no_grad():
                 for i, frame in enumerate(codes):
                     t1 = time.perf_counter()
@@ -214,7 +214,7 @@ def main():
                 total += dt_
                 if got["first"] is None:  # nothing before the end of the clause
                     got["first"] = (dt_, n)
-            name = f"stream first={first}"
+            name = f"stream {first or '-'} {cache}"
             row(name[:16], secs, (total, total, total), peer_chain)
             print(f"{'':16} stream / our offline chain x{total / chain[0]:4.2f}; CFM frames integrated "
                   f"{s.cfm_frames} for {frames} (x{s.cfm_frames / frames:4.2f}); chunk caches peak "
