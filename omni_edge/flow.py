@@ -88,9 +88,16 @@ def cached_kv(module, k: torch.Tensor, v: torch.Tensor, cache: Optional[StepCach
     return k, v
 
 
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version  # bumped by in-place writes (load_state_dict copies into the same storage)
+    except RuntimeError:  # an inference-mode tensor has no version counter
+        return -1
+
+
 def fused_qkv(module, x: torch.Tensor, projs) -> torch.Tensor:
     """x @ [Wq; Wk; Wv]^T (+ bias) in one GEMM; the stacked weight is built once (rebuilt if a weight changes)."""
-    key = tuple((p.weight.data_ptr(), p.weight._version, p.weight.dtype) for p in projs)
+    key = tuple((p.weight.data_ptr(), _version(p.weight), p.weight.dtype) for p in projs)
     if getattr(module, "_qkv_key", None) != key:
         w = torch.cat([p.weight for p in projs], 0)
         b = None

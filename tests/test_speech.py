@@ -481,3 +481,28 @@ def test_stream_with_an_opaque_estimator_reruns_the_clause(speech, vocoder, monk
     torch.testing.assert_close(torch.stack(s.stats_history[0]), torch.stack(s_inc.stats_history[0]), atol=0, rtol=0)
     start = got[0].shape[0] + 240
     torch.testing.assert_close(torch.cat(got)[start:], torch.cat(want)[start:], atol=1e-5, rtol=0)
+
+
+def test_fused_qkv_follows_weight_changes():
+    """The stacked q/k/v weight is rebuilt when a weight is written in place (load_state_dict) and works for
+    modules built under inference mode (no version counter); compared with separate projections (1e-6)."""
+    from omni_edge.flow import _Attention
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        a = _Attention(16, 2, 8)
+        x = torch.randn(2, 5, 16)
+        y = a(x, None)
+    b = _Attention(16, 2, 8)
+    b.load_state_dict(a.state_dict())
+    x = x.clone()
+
+    def separate(m):
+        q, k, v = (p(x).view(2, 5, 2, 8).transpose(1, 2) for p in (m.to_q, m.to_k, m.to_v))
+        return m.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 5, 16))
+
+    with torch.no_grad():
+        torch.testing.assert_close(b(x, None), y, atol=1e-6, rtol=0)
+        b(x, None)
+        b.load_state_dict({k: v * 2 if k.endswith("to_k.weight") else v for k, v in a.state_dict().items()})
+        torch.testing.assert_close(b(x, None), separate(b), atol=1e-6, rtol=0)
