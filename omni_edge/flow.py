@@ -82,6 +82,8 @@ def cached_kv(module, k: torch.Tensor, v: torch.Tensor, cache: Optional[StepCach
     past = cache.store.get(module)
     if past is not None:
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+    elif cache.keep:  # own storage: the projections are views into one q/k/v output that would stay alive
+        k, v = k.contiguous(), v.contiguous()
     if cache.keep:
         n = cache.offset + cache.keep
         cache.store[module] = (k[:, :, :n], v[:, :, :n]) if n < k.shape[2] else (k, v)
@@ -376,8 +378,8 @@ class CfmStream:
         while pos < n:
             a = start + pos
             b = min(start + n, (a // self.chunk + 1) * self.chunk)
-            for c in self.caches:
-                c.offset, c.keep = a, (b - a) if keep else 0
+            for c in self.caches:  # a kept piece that ends mid-chunk ends the clause: nothing to store
+                c.offset, c.keep = a, (b - a) if keep and b % self.chunk == 0 else 0
             out.append(cfm_solve(self.estimator, mu[..., pos:pos + b - a], noise[..., pos:pos + b - a],
                                  self.n_steps, self.cfg_rate, self.scheduler, caches=self.caches))
             self.frames_computed += b - a
