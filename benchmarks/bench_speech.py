@@ -10,8 +10,9 @@ Stages, per clause of N codes (N / 12.5 s of speech, 4N - 1 mel frames):
   cfm              mu -> mel: 10 Euler steps x 2 guided passes of the 71 M-parameter U-Net
   vocoder          mel -> 24 kHz wave (HiFT, fp32)
   chain            all three (offline decode of the clause)
-  stream           the same clause pushed code by code through SpeechStream (preview after 10 codes, then
-                   decodes on chunk boundaries and at the end): total compute and time to first audio
+  stream F C       the same clause pushed code by code through SpeechStream (preview after F = 10 codes or
+                   none, each chunk decoded once when complete, the rest at the end; CFM chunk cache C = kv or
+                   inputs): total compute, its ratio to our offline chain, and time to first audio
 
 Peer (same run, same threads): the straightforward torch transcription of the reference formulation from
 tests/test_speech.py and tests/test_vocoder.py: the two guidance passes run one after the other at batch 1,
@@ -168,9 +169,8 @@ def main():
             def peer_voc_fn():
                 return tv.ref_vocode(pt_path, mel, phase, sn)
 
-        def ours_cfm_fn():  # the CFM alone, from the same mu
-            p = speech.params
-            return cfm_solve(speech.estimator_fn, mu[None], z[None], p.n_steps, p.cfg_rate, p.scheduler)
+        def ours_cfm_fn():  # the CFM alone, from the same mu (chunk by chunk, as SpeechDecoder.mel runs it)
+            return speech.cfm(mu[None], z[None])
 
         ours_mu, peer_mu = ab(lambda: speech.mu(codes), peer_mu_fn, args.reps)
         row("decoder+prenet", secs, ours_mu, peer_mu)
@@ -191,33 +191,38 @@ def main():
             row("vocoder (onnxrt)", secs, o_voc, ours_voc)
             print(f"{'':16} (for the onnxrt rows, 'peer' is our torch module)")
 
-        # streaming: compute of every push, time to first audio
-        got = {"first": None, "calls": 0}
+        # streaming: compute of every push, time to first audio; with a preview after 10 codes and without
+        for first, cache in ((10, "kv"), (None, "kv"), (10, "inputs")):
+            got = {"first": None, "calls": 0}
 
-        def on_audio(chunk):
-            got["calls"] += 1
+            def on_audio(chunk):
+                got["calls"] += 1
 
-        total = 0.0
-        s = SpeechStream(speech, voc, on_audio, first_codes=10)
-        with torch.no_grad():
-            for frame in codes:
+            total = 0.0
+            s = SpeechStream(speech, voc, on_audio, first_codes=first, cache=cache)
+            with torch.no_grad():
+                for i, frame in enumerate(codes):
+                    t1 = time.perf_counter()
+                    s.push(frame)
+                    dt_ = time.perf_counter() - t1
+                    total += dt_
+                    if got["first"] is None and got["calls"]:
+                        got["first"] = (dt_, i + 1)
                 t1 = time.perf_counter()
-                s.push(frame)
+                s.end_clause()
                 dt_ = time.perf_counter() - t1
                 total += dt_
-                if got["first"] is None and got["calls"]:
-                    got["first"] = dt_
-            t1 = time.perf_counter()
-            s.end_clause()
-            dt_ = time.perf_counter() - t1
-            total += dt_
-            if got["first"] is None:  # a clause shorter than first_codes: audio comes at its end
-                got["first"] = dt_
-        row("stream (total)", secs, (total, total, total), peer_chain)
-        peer_ttfa = f"{peer_chain[0]:.3f} s after the last code" if peer_chain else "n/a"
-        print(f"{'':16} time to first audio: ours {got['first']:.3f} s after code {min(10, n)}, "
-              f"reference demo {peer_ttfa}; {s.samples_out / 24000:.2f} s delivered in {got['calls']} chunks",
-              flush=True)
+                if got["first"] is None:  # nothing before the end of the clause
+                    got["first"] = (dt_, n)
+            name = f"stream {first or '-'} {cache}"
+            row(name[:16], secs, (total, total, total), peer_chain)
+            print(f"{'':16} stream / our offline chain x{total / chain[0]:4.2f}; CFM frames integrated "
+                  f"{s.cfm_frames} for {frames} (x{s.cfm_frames / frames:4.2f}); chunk caches peak "
+                  f"{s.cache_bytes / 2**20:.0f} MiB", flush=True)
+            peer_ttfa = f"{peer_chain[0]:.3f} s after the last code" if peer_chain else "n/a"
+            print(f"{'':16} time to first audio: ours {got['first'][0]:.3f} s after code {got['first'][1]}, "
+                  f"reference demo {peer_ttfa}; {s.samples_out / 24000:.2f} s delivered in {got['calls']} "
+                  f"chunks", flush=True)
 
 
 if __name__ == "__main__":

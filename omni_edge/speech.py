@@ -16,10 +16,13 @@ Interface (used by the audio head / `omni_edge.speak`; the pipeline builds the t
     mel = speech.mel(codes)                                       # (80, T) fp32; noise=None -> NoiseBuffer(0)
     wave = decode_clause(speech, vocoder, codes, noise=None)      # offline: float32 (480 T,), T = 4N - 1
 
-    stream = SpeechStream(speech, vocoder, on_audio=callback)     # callback(chunk: torch float32 (n,), 24 kHz)
+    stream = SpeechStream(speech, vocoder, on_audio=callback,     # callback(chunk: torch float32 (n,), 24 kHz)
+                          first_codes=10, hop_codes=None, norm_stats="first", seed=0)
     for frame in frames: stream.push(frame)                       # frame: LongTensor (8,), one per 80 ms
     stream.end_clause()                                           # flush the clause (at the EOS frame)
-    wave = stream.decode_clause(codes, noise=None)                # offline decode with the stream's seed
+    stream.stats_history[-1]                                      # the clause's pinned GroupNorm (mean, var)
+    wave = stream.decode_clause(codes, noise=None, stats=None)    # offline decode with the stream's seed
+    mel = speech.cfm(mu, noise)                                   # (1, 80, T) each: chunk by chunk (CfmStream)
     speech.describe(), vocoder.describe()                         # backends and why
 
 The EOS frame (code_0 == 8192) is not pushed: call `end_clause()` instead. `codes` rows hold one code per
@@ -30,24 +33,30 @@ frames is drawn from its own generator seeded with (seed, b)), or a tensor given
 sine phase and noise likewise (see `omni_edge.vocoder`). So a streamed clause and its offline decode use
 the same draws.
 
-Streaming and what "equal to offline" means here:
+Streaming and what "equal to offline" means here (`SpeechStream`):
 - The audio decoder's layers and the prenet are causal, the estimator's attention is chunk-causal (100 mel
   frames = 25 codes) and its convolutions are causal, so with the same noise the mel of a finished chunk
-  does not change when later codes arrive ... except for one non-causal op: `dconv1`'s GroupNorm(1, 1280)
-  normalises over the whole clause (all channels and all frames). A stream that emits before the clause
-  ends must use the statistics of the codes it has ("prefix statistics"); the offline decode uses the whole
-  clause. `SpeechStream(norm_stats=...)` can pin the statistics (tests pin them to the clause's own, and then
-  the stream equals the offline decode to rounding); by default the prefix statistics are used, which is
-  what a real-time stream can do.
+  does not change when later codes arrive ... except for one op that sees the whole clause: `dconv1`'s
+  GroupNorm(1, 1280) normalises over all channels and frames of the clause. The reference decodes each
+  clause whole after its EOS frame (MODEL.md §2.3, §4), so its statistics are the whole clause's; a stream
+  that speaks before the clause ends cannot know them. Decision: by default (`norm_stats="first"`) the
+  statistics are pinned at the clause's first decode to those of the codes it has (the first 10 codes);
+  every later frame uses the same values, so nothing emitted is revised for them, and the streamed clause
+  equals the offline decode with those statistics (`decode_clause(..., stats=stream.stats)`): same sample
+  count, mel within 1e-5 (fp32; the decoder runs in pieces, which only reorders float sums). Against the
+  reference's whole-clause decode it differs by that statistics shift (one affine change of the decoder
+  input per clause). `norm_stats="clause"` decodes at the EOS frame only and equals the reference.
 - A first chunk is decoded after `first_codes` codes (default 10 = 0.8 s of speech) as a preview: the chunk
   is not complete yet, so its attention sees fewer frames than the offline decode; when the chunk
   completes it is recomputed and only samples not yet emitted are sent (the vocoder cross-fades the seam).
-  Later chunks are decoded on chunk boundaries (every 25 codes); the rest of the clause at `end_clause()`.
-- Every decode re-runs the chain on the clause so far (exact: chunk-causal attention needs the full left
-  context), so nothing emitted depends on how the codes were split into pushes. The price is compute: a
-  clause of N codes costs the frames 40 + 100 + 200 + ... + 4N instead of 4N (about 2.7x offline for 4 s).
-  Caching each finished chunk's per-step block inputs would remove it, at ~1.15 MB per frame in fp32
-  (10 steps x 2 passes x 56 blocks x 256 channels): not done; see the benchmark for the measured cost.
+  Each chunk is decoded as soon as it is complete (once the code after its last frame has arrived: the
+  frame count of n codes is 4n - 1); the rest of the clause at `end_clause()`.
+- Each frame goes through the decoder, prenet and CFM once: the decoder and prenet keep K/V caches, the
+  CFM keeps per Euler step the K/V and causal-conv context of the finished chunks (`omni_edge.flow.
+  CfmStream`, 4.6 MB per mel frame in fp32, 230 MB per second of speech, freed at the clause end; with
+  `cache="inputs"` a quarter of that, for K/V recomputed from the kept layer inputs at each chunk). A
+  streamed clause costs its offline decode plus its previews (the first `first_codes` codes' frames, and
+  each `hop_codes` preview's partial chunk); the offline decode runs chunk by chunk through the same code.
 - Clauses are joined as the reference's `wave_concat` joins segments: an extra 240-sample linear cross-fade
   (last 240 samples of the previous clause fading out, first 240 of the next fading in) is inserted between
   them (MODEL.md §2.3). The vocoder's output is otherwise delivered unchanged (clamped to +-0.99 by HiFT).
@@ -63,7 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_edge.config import ModelConfig
-from omni_edge.flow import CHUNK, Estimator, attention, cfm_solve
+from omni_edge.flow import CHUNK, CfmStream, Estimator, StepCache, attention, cached_kv, cfm_solve, fused_qkv
 from omni_edge.ops import rvq
 
 N_MELS = 80
@@ -113,11 +122,21 @@ class _SelfAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, d)
+    def forward(self, x: torch.Tensor, cache: Optional[StepCache] = None) -> torch.Tensor:  # x (B, T, d)
         b, t, d = x.shape
-        q, k, v = (p(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        o = attention(q, k, v, causal=True)
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            qkv = [p(x) for p in (self.q_proj, self.k_proj, self.v_proj)]
+        else:
+            qkv = fused_qkv(self, x, (self.q_proj, self.k_proj, self.v_proj)).chunk(3, dim=-1)
+        q, k, v = (y.reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for y in qkv)
+        if cache is None or cache.offset == 0:
+            k, v = cached_kv(self, k, v, cache)
+            o = attention(q, k, v, causal=True)
+        else:  # new frames [offset, offset + t) after the kept ones: causal with an offset
+            k, v = cached_kv(self, k, v, cache)
+            keys = torch.arange(k.shape[2], device=x.device)
+            mask = keys[None, :] <= (cache.offset + torch.arange(t, device=x.device))[:, None]
+            o = attention(q, k, v, mask)
         return self.out_proj(o.transpose(1, 2).reshape(b, t, d))
 
 
@@ -133,8 +152,8 @@ class _Layer(nn.Module):
         self.fc2 = nn.Linear(ffn, d)
         self.final_layer_norm = norm()
 
-    def forward(self, x):
-        x = x + self.self_attn(self.self_attn_layer_norm(x))
+    def forward(self, x, cache: Optional[StepCache] = None):
+        x = x + self.self_attn(self.self_attn_layer_norm(x), cache)
         x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
         if (x.dtype in (torch.float16, torch.bfloat16) and not torch.jit.is_tracing()
                 and not bool(torch.isfinite(x).all())):
@@ -185,18 +204,23 @@ class AudioDecoder(nn.Module):
         """emb (N, 1280) from proj_decoder -> (T, 1280). n_frames defaults to the clause length 4N-1;
         `stats` (mean, var) replaces the GroupNorm statistics of this input (streaming)."""
         n_frames = mel_frames(emb.shape[0]) if n_frames is None else n_frames
-        x = self.upsample(emb, n_frames)
+        return self.layers_from(self.normalize(self.upsample(emb, n_frames), stats))
+
+    def normalize(self, x: torch.Tensor, stats=None) -> torch.Tensor:
+        """dconv1's GroupNorm(1) of (1, d, T): over x itself, or with the given (mean, var)."""
         gn = self.dconv1.norm
         if stats is None:
-            x = gn(x)
-        else:
-            mean, var = stats
-            y = (x.float() - mean) * torch.rsqrt(var + gn.eps)
-            x = (y * gn.weight.float().view(1, -1, 1) + gn.bias.float().view(1, -1, 1)).to(x.dtype)
-        x = x.transpose(1, 2)  # (1, T, d)
-        h = (x.float() + self.positional_embedding[:n_frames].float()).to(x.dtype)
+            return gn(x)
+        mean, var = stats
+        y = (x.float() - mean) * torch.rsqrt(var + gn.eps)
+        return (y * gn.weight.float().view(1, -1, 1) + gn.bias.float().view(1, -1, 1)).to(x.dtype)
+
+    def layers_from(self, x: torch.Tensor, cache: Optional[StepCache] = None) -> torch.Tensor:
+        """Normalised (1, d, n) frames [offset, offset + n) (offset = cache.offset or 0) -> (n, d)."""
+        off, n = (0 if cache is None else cache.offset), x.shape[-1]
+        h = (x.transpose(1, 2).float() + self.positional_embedding[off:off + n].float()).to(x.dtype)
         for layer in self.layers:
-            h = layer(h)
+            h = layer(h, cache)
         return self.layer_norm(h)[0]
 
 
@@ -212,10 +236,10 @@ class Prenet(nn.Module):
         self.final_norm = _RMSNorm(d)  # (512,)
         self.out_proj = nn.Linear(d, d_out, bias=False)  # (80, 512)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: Optional[StepCache] = None) -> torch.Tensor:
         x = self.in_mlp[2](F.silu(self.in_mlp[0](h))).unsqueeze(0)
         for layer in self.transformer_layers:
-            x = layer(x)
+            x = layer(x, cache)
         return self.out_proj(self.final_norm(x))[0]
 
 
@@ -397,17 +421,35 @@ class SpeechDecoder(nn.Module):
         if z.shape[1] < t:
             raise SpeechError(f"noise: expected at least {t} frames (80, {t}), got {tuple(z.shape)}")
         z = z[:, :t].to(device=mu.device, dtype=mu.dtype)
+        return self.cfm(mu.unsqueeze(0), z.unsqueeze(0))[0].float()
+
+    @property
+    def incremental(self) -> bool:
+        """True when the estimator and decoder run in torch (chunk caches); an ONNX graph runs whole clauses."""
+        return self.estimator_fn is self.estimator and self.decoder_fn is None
+
+    def cfm_stream(self, cache: str = "kv") -> CfmStream:
         p = self.params
-        out = cfm_solve(self.estimator_fn, mu.unsqueeze(0), z.unsqueeze(0), p.n_steps, p.cfg_rate, p.scheduler)
-        return out[0].float()
+        return CfmStream(self.estimator, p.n_steps, p.cfg_rate, p.scheduler, cache=cache)
+
+    @torch.no_grad()
+    def cfm(self, mu: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """mu, noise (1, 80, T) -> mel (1, 80, T) in mu's dtype: chunk by chunk in torch (`CfmStream`, the
+        same values as one masked pass), one pass through an ONNX estimator."""
+        if self.estimator_fn is self.estimator:
+            return self.cfm_stream().run(mu, noise, keep=True)
+        p = self.params
+        return cfm_solve(self.estimator_fn, mu, noise, p.n_steps, p.cfg_rate, p.scheduler)
 
 
-def decode_clause(speech: SpeechDecoder, vocoder, codes, noise=None, *, seed: int = 0, fade: bool = True):
+def decode_clause(speech: SpeechDecoder, vocoder, codes, noise=None, *, seed: int = 0, fade: bool = True,
+                  stats=None):
     """Offline: one clause's codes (N, 8) -> float32 wave (480 (4N-1),) at 24 kHz (the end fade applied
-    like a stream's `end_clause`, unless fade=False)."""
+    like a stream's `end_clause`, unless fade=False). stats: GroupNorm (mean, var) to use instead of the
+    clause's own (a stream's pinned `stats`)."""
     from omni_edge.vocoder import VocoderNoise, end_fade
 
-    mel = speech.mel(codes, noise if noise is not None else NoiseBuffer(seed))
+    mel = speech.mel(codes, noise if noise is not None else NoiseBuffer(seed), stats=stats)
     wave = vocoder(mel, noise=VocoderNoise(seed))
     return end_fade(wave) if fade else wave
 
@@ -436,30 +478,51 @@ def _join(tail: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
 class SpeechStream:
     """Push codes frame by frame; audio arrives through `on_audio(chunk)` (torch float32 (n,), 24 kHz).
 
-    first_codes: codes before the first (preview) decode of a clause (None: wait for the first full chunk).
-    hop_codes: later decodes happen when the clause holds a multiple of hop_codes codes; the default 25 is one
-      estimator chunk, so each such decode finalises a chunk (a smaller hop decodes previews more often:
-      lower latency, more compute, a cross-fade at each revised seam).
-    norm_stats: None (prefix statistics, see the module docstring) or a callable codes -> (mean, var) used
-      for every decode of a clause (tests pass the clause's own statistics).
+    first_codes: codes before the first decode of a clause, a preview of its first chunk (None: no preview;
+      the first decode comes when the first chunk is complete).
+    hop_codes: None, or also preview the unfinished chunk whenever the clause holds a multiple of hop_codes
+      codes (lower latency between chunks, more compute: each preview integrates the partial chunk).
+      Finished chunks are decoded as soon as they are complete (100 mel frames = 25 codes, plus the code
+      that follows the chunk's last frame), whatever the hop.
+    norm_stats: the GroupNorm statistics of `dconv1` (the one op that sees the whole clause):
+      "first" (default): pinned at the first decode of the clause to the statistics of the codes it has
+        (the first `first_codes` codes); the streamed clause then equals `decode_clause(..., stats=
+        stream.stats)` (fp32: 1e-5), and the reference's whole-clause decode up to that statistics shift.
+      "clause": no decode before `end_clause()`; the clause is decoded whole, exactly as the reference
+        demo does (MODEL.md §2.3; first audio only after the clause's EOS frame).
+      a callable codes -> (mean, var): called once at the first decode with the codes so far, its result
+        pinned (tests pass the whole clause's statistics, which makes the stream equal the reference).
     seed: CFM and vocoder noise; clause k uses seed + k (each clause starts with fresh noise, as the
-      reference draws new noise per segment)."""
+      reference draws new noise per segment).
+    cache: the CFM chunk caches, "kv" (4.6 MB per mel frame, nothing recomputed) or "inputs" (1.15 MB per
+      frame, K/V of earlier chunks recomputed at each chunk); see `omni_edge.flow.CfmStream`.
+
+    With the torch estimator each mel frame is decoded once per clause (chunk caches, `omni_edge.flow`),
+    plus the frames of each preview; with ONNX graphs every decode re-runs the clause so far."""
 
     def __init__(self, speech: SpeechDecoder, vocoder, on_audio: Callable, *, first_codes: Optional[int] = 10,
-                 hop_codes: int = CHUNK // MEL_PER_CODE, seed: int = 0, norm_stats: Optional[Callable] = None,
-                 lookahead: Optional[int] = None, fade: bool = True):
+                 hop_codes: Optional[int] = None, seed: int = 0, norm_stats="first",
+                 lookahead: Optional[int] = None, fade: bool = True, cache: str = "kv"):
         from omni_edge.vocoder import VocoderStream  # noqa: F401 (fail early if missing)
 
-        if first_codes is not None and not 1 <= first_codes:
-            raise SpeechError(f"first_codes: expected None or >= 1, got {first_codes}")
-        if not isinstance(hop_codes, int) or hop_codes < 1:
-            raise SpeechError(f"hop_codes: expected an integer >= 1, got {hop_codes!r}")
+        if first_codes is not None and (not isinstance(first_codes, int) or first_codes < 1):
+            raise SpeechError(f"first_codes: expected None or an integer >= 1, got {first_codes!r}")
+        if hop_codes is not None and (not isinstance(hop_codes, int) or hop_codes < 1):
+            raise SpeechError(f"hop_codes: expected None or an integer >= 1, got {hop_codes!r}")
+        if cache not in ("kv", "inputs"):
+            raise SpeechError(f"cache: expected 'kv' or 'inputs', got {cache!r}")
+        self.cache = cache
+        if not (callable(norm_stats) or norm_stats in ("first", "clause")):
+            raise SpeechError(f"norm_stats: expected 'first', 'clause' or a callable, got {norm_stats!r}")
         self.hop_codes = hop_codes
         self.speech, self.vocoder, self.on_audio = speech, vocoder, on_audio
         self.first_codes, self.seed, self.norm_stats = first_codes, int(seed), norm_stats
         self.lookahead, self.fade = lookahead, fade
         self.clauses = 0
         self.samples_out = 0
+        self.cfm_frames = 0  # mel frames integrated by the CFM over the stream's life (cost accounting)
+        self.cache_bytes = 0  # peak size of the chunk caches
+        self.stats_history: list = []  # the pinned GroupNorm (mean, var) of each finished clause
         self._prev_tail: Optional[torch.Tensor] = None  # last JOIN_SAMPLES of the previous clause
         self._start_clause()
 
@@ -475,11 +538,22 @@ class SpeechStream:
         self._joined = False
         self._tail = torch.zeros(0)  # last JOIN_SAMPLES samples of this clause
         self._clause_samples = 0
+        self.stats = None  # the clause's pinned GroupNorm (mean, var), set at its first decode
+        # incremental state: decoder + prenet caches, mu not yet integrated, finished mel
+        self._dec_cache = StepCache()
+        self._dec_codes = 0  # codes through the decoder
+        self._dec_frames = 0  # decoder frames done (4 n - 1 for n codes)
+        self._mu_todo = None  # (1, 80, k): mu of frames [cfm.done, _dec_frames)
+        self._cfm = self.speech.cfm_stream(self.cache) if self.speech.incremental else None
+        self._mel_done: List[torch.Tensor] = []  # (80, n) fp32 pieces of finished chunks
+        self._full_done = 0  # ONNX path: frames of finished chunks decoded so far
 
-    def decode_clause(self, codes, noise=None) -> torch.Tensor:
+    def decode_clause(self, codes, noise=None, stats=None) -> torch.Tensor:
         """Offline decode of one whole clause with this stream's models and seed (not delivered to on_audio):
-        codes (N, 8) -> float32 wave (480 (4N - 1),). noise: None (the seeded buffer) or (80, >= 4N - 1)."""
-        return decode_clause(self.speech, self.vocoder, codes, noise, seed=self.seed + self.clauses, fade=self.fade)
+        codes (N, 8) -> float32 wave (480 (4N - 1),). noise: None (the seeded buffer) or (80, >= 4N - 1);
+        stats: None (the clause's own GroupNorm statistics) or a stream's pinned `stats`."""
+        return decode_clause(self.speech, self.vocoder, codes, noise, seed=self.seed + self.clauses,
+                             fade=self.fade, stats=stats)
 
     def push(self, codes) -> None:
         c = torch.as_tensor(codes).reshape(-1)
@@ -487,20 +561,89 @@ class SpeechStream:
             raise SpeechError(f"push: expected one frame of {len(self.speech.codebook_sizes)} codes, got shape "
                               f"{tuple(torch.as_tensor(codes).shape)}")
         self.speech.check_codes(c.reshape(1, -1))
+        max_codes = (self.speech.decoder.max_frames - 3) // MEL_PER_CODE + 1
+        if len(self._codes) >= max_codes:
+            raise SpeechError(f"push: a clause holds at most {max_codes} frames (the audio decoder's position "
+                              f"table has {self.speech.decoder.max_frames} rows); call end_clause() first")
         self._codes.append(c.to(torch.int64))
+        if self.norm_stats == "clause":
+            return
         n = len(self._codes)
-        if n == self.first_codes or n % self.hop_codes == 0:
-            self._decode(final=False)
+        done = self._cfm.done if self._cfm is not None else self._voc_done_frames()
+        chunk_ready = mel_frames(n) >= (done // CHUNK + 1) * CHUNK
+        preview = n == self.first_codes or (self.hop_codes is not None and n % self.hop_codes == 0)
+        if preview or chunk_ready:
+            self._decode(final=False, preview=preview)
 
-    def _decode(self, final: bool):
+    def _voc_done_frames(self) -> int:
+        """Whole-clause path: the frames of finished chunks decoded so far (a multiple of CHUNK)."""
+        return self._full_done
+
+    def _pin_stats(self, codes: torch.Tensor):
+        if self.stats is None:
+            if callable(self.norm_stats):
+                self.stats = self.norm_stats(codes)
+            else:
+                sp = self.speech
+                self.stats = AudioDecoder.norm_stats(sp.decoder.upsample(sp.embed(sp.check_codes(codes)),
+                                                                         mel_frames(codes.shape[0])))
+
+    @torch.no_grad()
+    def _decode(self, final: bool, preview: bool = False):
         codes = torch.stack(self._codes)
-        n = codes.shape[0]
-        n_frames = mel_frames(n) if final else n * MEL_PER_CODE
-        stats = self.norm_stats(codes) if self.norm_stats is not None else None
-        mel = self.speech.mel(codes, self._noise, n_frames=n_frames, stats=stats)
-        # frames of complete chunks are final; a preview covers what exists
+        self._pin_stats(codes)
+        if self._cfm is None:
+            mel = self.speech.mel(codes, self._noise, stats=self.stats)
+            self.cfm_frames += mel.shape[1]
+            self._full_done = mel.shape[1] // CHUNK * CHUNK
+            if not final and not preview:  # a chunk decode sends finished chunks only, as the cached path
+                mel = mel[:, :self._full_done]
+        else:
+            mel = self._decode_incremental(codes, final, preview)
+            if mel is None:
+                return
         wave = self._voc.push(mel, final=final)
         self._emit(wave, final)
+
+    def _decode_incremental(self, codes: torch.Tensor, final: bool, preview: bool) -> Optional[torch.Tensor]:
+        sp, cfm = self.speech, self._cfm
+        if codes.shape[0] > self._dec_codes:  # decoder + prenet on the new codes' frames (causal: kept)
+            mu = self._extend_mu(codes[self._dec_codes:])
+            self._mu_todo = mu if self._mu_todo is None else torch.cat([self._mu_todo, mu], dim=-1)
+        todo = 0 if self._mu_todo is None else self._mu_todo.shape[-1]
+        k = todo if final else max(0, ((cfm.done + todo) // CHUNK) * CHUNK - cfm.done)
+        if k:
+            z = self._noise.take(cfm.done, cfm.done + k).to(device=sp.device, dtype=sp.dtype)[None]
+            self._mel_done.append(cfm.run(self._mu_todo[..., :k], z, keep=True)[0].float())
+            self._mu_todo = self._mu_todo[..., k:]
+            self.cfm_frames += k
+            todo -= k
+        pieces = list(self._mel_done)
+        if preview and not final and todo:
+            z = self._noise.take(cfm.done, cfm.done + todo).to(device=sp.device, dtype=sp.dtype)[None]
+            pieces.append(cfm.run(self._mu_todo, z, keep=False)[0].float())
+            self.cfm_frames += todo
+        elif not k and not final:
+            return None
+        self.cache_bytes = max(self.cache_bytes, cfm.nbytes() + self._dec_cache.nbytes())
+        return torch.cat(pieces, dim=-1) if pieces else torch.zeros(N_MELS, 0)
+
+    def _extend_mu(self, new_codes: torch.Tensor) -> torch.Tensor:
+        """Codes after the first `_dec_codes` -> mu (1, 80, m) of the frames [4 n0 - 1, 4 n - 1) (from 0 for
+        the first codes): the bias-only frame 4 n0 - 1 between the old and the new codes, then the new codes'
+        ConvTranspose frames; GroupNorm with the pinned statistics; the causal layers continue from their
+        caches."""
+        sp, dec = self.speech, self.speech.decoder
+        x = dec.dconv1.conv(sp.embed(new_codes).t().unsqueeze(0))  # (1, d, 4m - 1)
+        if self._dec_codes:
+            x = torch.cat([dec.dconv1.conv.bias.view(1, -1, 1).to(x.dtype), x], dim=-1)
+        c = self._dec_cache
+        c.offset, c.keep = self._dec_frames, x.shape[-1]
+        h = dec.layers_from(dec.normalize(x, self.stats), c)
+        mu = sp.prenet(h, c).t().unsqueeze(0)
+        self._dec_codes += new_codes.shape[0]
+        self._dec_frames += x.shape[-1]
+        return mu
 
     def _emit(self, wave: torch.Tensor, final: bool):
         from omni_edge.vocoder import end_fade
@@ -530,6 +673,7 @@ class SpeechStream:
         if not self._codes:
             return
         self._decode(final=True)
+        self.stats_history.append(self.stats)
         self._prev_tail = self._tail if self._clause_samples > JOIN_SAMPLES else None
         self.clauses += 1
         self._start_clause()

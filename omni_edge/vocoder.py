@@ -93,7 +93,10 @@ class Snake(nn.Module):
 
     def forward(self, x):
         a = self.alpha.view(1, -1, 1)
-        return x + (1.0 / (a + 1e-9)) * torch.sin(x * a).pow(2)
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            return x + (1.0 / (a + 1e-9)) * torch.sin(x * a).pow(2)
+        s = torch.sin(x * a)  # x + sin(a x)^2 / a in 3 passes over x instead of 5 (one fused multiply-add)
+        return torch.addcmul(x, s * s if torch.is_grad_enabled() else s.mul_(s), 1.0 / (a + 1e-9))
 
 
 class ResBlock(nn.Module):

@@ -28,6 +28,11 @@ def omni_edge(*args, stdin: str = ""):
                           text=True, encoding="utf-8", env=ENV, timeout=600)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread(one_thread):  # tests/conftest.py: tiny ops run single-threaded
+    pass
+
+
 @pytest.fixture(scope="module")
 def speaking(tiny_omni, tmp_path_factory):
     """The tiny checkpoint plus a tiny vocoder in its folder (as a bundle would carry it)."""
@@ -125,3 +130,84 @@ def test_chat_keeps_past_speech_as_the_reference_does(speaking, tmp_path):
     fresh = m.session(seed=0)
     fresh.history = s.history[:-2]
     assert fresh.send("And then?", greedy).ids == follow.ids
+
+
+class _FakeSoundDevice:
+    """Stands in for the `sounddevice` module: records the output stream's settings, calls and chunks."""
+
+    def __init__(self):
+        self.streams = []
+
+    def OutputStream(self, **kw):  # noqa: N802 (the module's name)
+        dev = self
+
+        class _Stream:
+            def __init__(self):
+                self.kw, self.calls, self.chunks = kw, [], []
+                dev.streams.append(self)
+
+            def start(self):
+                self.calls.append("start")
+
+            def write(self, x):
+                self.calls.append("write")
+                self.chunks.append(x.copy())
+
+            def stop(self):
+                self.calls.append("stop")
+
+            def close(self):
+                self.calls.append("close")
+        return _Stream()
+
+
+def test_play_sends_24khz_float_chunks_in_order(speaking, tmp_path, monkeypatch):
+    """`--play`: the sound card gets one 24 kHz mono float32 stream, started before the first chunk and closed
+    after the last, with the reply's chunks in order: their concatenation is the written wav (to its int16
+    rounding, 1/32767)."""
+    import io
+
+    import numpy as np
+
+    from omni_edge.chat import SpeechOut
+    from omni_edge.generate import SamplingParams
+
+    fake = _FakeSoundDevice()
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    m = pipeline.load(speaking)
+    outputs = m.speech_outputs
+
+    def small_hops(on_audio, **kw):  # a decode at every code, 2 frames of look-ahead: the short reply of the
+        head, stream = outputs(on_audio, **kw)  # random tiny model arrives in several chunks
+        stream.hop_codes, stream._voc.lookahead = 1, 2
+        return head, stream
+
+    monkeypatch.setattr(m, "speech_outputs", small_hops)
+    err = io.StringIO()
+    out = SpeechOut(m, str(tmp_path / "r.wav"), play=True, first_frames=1, seed=0, err=err)
+    reply = out.send(m.session(seed=0), "Hello", SamplingParams(max_new_tokens=BUDGET, temperature=0),
+                     write=lambda t: None, numbered=False, on_notice=lambda t: None)
+    assert err.getvalue() == ""
+    (st,) = fake.streams
+    assert st.kw == {"samplerate": 24000, "channels": 1, "dtype": "float32"}
+    assert st.calls[0] == "start" and st.calls[-2:] == ["stop", "close"] and st.calls.count("write") >= 3
+    assert all(c.dtype == np.float32 and c.ndim == 2 and c.shape[1] == 1 for c in st.chunks)
+    played = np.concatenate([c[:, 0] for c in st.chunks])
+    assert played.size == 480 * sum(4 * seg.shape[0] - 1 for seg in reply.segments if seg.shape[0])
+    with wave.open(str(tmp_path / "r.wav")) as w:
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32767.0
+    assert played.shape == pcm.shape and played.size > 0
+    np.testing.assert_allclose(played, pcm, atol=1.0 / 32767 + 1e-7, rtol=0)
+
+
+def test_play_without_a_player_library_says_how_to_get_one(speaking, tmp_path, monkeypatch):
+    import io
+
+    from omni_edge.chat import SpeechOut
+
+    monkeypatch.setitem(sys.modules, "sounddevice", None)  # `import sounddevice` raises ImportError
+    err = io.StringIO()
+    out = SpeechOut(None, str(tmp_path / "r.wav"), play=True, first_frames=4, seed=0, err=err)  # no model needed
+    msg = err.getvalue()
+    assert out.play is False and msg.count("\n") == 1
+    assert "--play needs the sounddevice package" in msg and "pip install sounddevice" in msg
