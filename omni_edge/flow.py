@@ -353,10 +353,11 @@ class CfmStream:
     cache: "kv" keeps each attention layer's K/V of the finished frames (56 blocks x 10 steps x 2 passes x
     2 x 512 values: 4.6 MB per mel frame in fp32, 230 MB per second of speech) and computes nothing twice;
     "inputs" keeps the layers' 256-wide normed inputs instead (1.15 MB per frame) and recomputes their K/V
-    at each later chunk (a quarter of a transformer block's work per earlier frame)."""
+    at each later chunk (a quarter of a transformer block's work per earlier frame); it is the default: a
+    40 s clause holds 1.15 GB instead of 4.6 GB."""
 
     def __init__(self, estimator: Estimator, n_steps: int = 10, cfg_rate: float = 0.7, scheduler: str = "cosine",
-                 chunk: int = CHUNK, cache: str = "kv"):
+                 chunk: int = CHUNK, cache: str = "inputs"):
         self.estimator, self.n_steps, self.cfg_rate, self.scheduler, self.chunk = \
             estimator, n_steps, cfg_rate, scheduler, chunk
         self.caches = [StepCache(cache) for _ in range(n_steps)]

@@ -53,8 +53,9 @@ Streaming and what "equal to offline" means here (`SpeechStream`):
   frame count of n codes is 4n - 1); the rest of the clause at `end_clause()`.
 - Each frame goes through the decoder, prenet and CFM once: the decoder and prenet keep K/V caches, the
   CFM keeps per Euler step the K/V and causal-conv context of the finished chunks (`omni_edge.flow.
-  CfmStream`, 4.6 MB per mel frame in fp32, 230 MB per second of speech, freed at the clause end; with
-  `cache="inputs"` a quarter of that, for K/V recomputed from the kept layer inputs at each chunk). A
+  CfmStream`; by default `cache="inputs"`: the layer inputs, 1.15 MB per mel frame in fp32, 58 MB per second
+  of speech, K/V recomputed from them at each chunk for ~6% more CFM work; `cache="kv"` keeps K/V, 4x the
+  memory (a 40 s clause would hold 4.6 GB); both freed at the clause end). A
   streamed clause costs its offline decode plus its previews (the first `first_codes` codes' frames, and
   each `hop_codes` preview's partial chunk); the offline decode runs chunk by chunk through the same code.
 - Clauses are joined as the reference's `wave_concat` joins segments: an extra 240-sample linear cross-fade
@@ -428,7 +429,7 @@ class SpeechDecoder(nn.Module):
         """True when the estimator and decoder run in torch (chunk caches); an ONNX graph runs whole clauses."""
         return self.estimator_fn is self.estimator and self.decoder_fn is None
 
-    def cfm_stream(self, cache: str = "kv") -> CfmStream:
+    def cfm_stream(self, cache: str = "inputs") -> CfmStream:
         p = self.params
         return CfmStream(self.estimator, p.n_steps, p.cfg_rate, p.scheduler, cache=cache)
 
@@ -494,15 +495,15 @@ class SpeechStream:
         pinned (tests pass the whole clause's statistics, which makes the stream equal the reference).
     seed: CFM and vocoder noise; clause k uses seed + k (each clause starts with fresh noise, as the
       reference draws new noise per segment).
-    cache: the CFM chunk caches, "kv" (4.6 MB per mel frame, nothing recomputed) or "inputs" (1.15 MB per
-      frame, K/V of earlier chunks recomputed at each chunk); see `omni_edge.flow.CfmStream`.
+    cache: the CFM chunk caches, "inputs" (the default: 1.15 MB per mel frame, K/V of earlier chunks
+      recomputed) or "kv" (4.6 MB per frame, nothing recomputed); see `omni_edge.flow.CfmStream`.
 
     With the torch estimator each mel frame is decoded once per clause (chunk caches, `omni_edge.flow`),
     plus the frames of each preview; with ONNX graphs every decode re-runs the clause so far."""
 
     def __init__(self, speech: SpeechDecoder, vocoder, on_audio: Callable, *, first_codes: Optional[int] = 10,
                  hop_codes: Optional[int] = None, seed: int = 0, norm_stats="first",
-                 lookahead: Optional[int] = None, fade: bool = True, cache: str = "kv"):
+                 lookahead: Optional[int] = None, fade: bool = True, cache: str = "inputs"):
         from omni_edge.vocoder import VocoderStream  # noqa: F401 (fail early if missing)
 
         if first_codes is not None and (not isinstance(first_codes, int) or first_codes < 1):

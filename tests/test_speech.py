@@ -396,7 +396,7 @@ def test_chunked_cfm_equals_one_masked_pass(speech):
         cs.run(mu[..., :5], z[..., :5])
     ci = speech.cfm_stream(cache="inputs")  # layer inputs kept, K/V recomputed: same values, less memory
     c = torch.cat([ci.run(mu[..., :100], z[..., :100]), ci.run(mu[..., 100:200], z[..., 100:200])], -1)
-    kv = speech.cfm_stream()
+    kv = speech.cfm_stream(cache="kv")
     kv.run(mu[..., :200], z[..., :200])
     attn = [m for m in speech.estimator.modules() if type(m).__name__ == "_Attention"]
     inner, dim = attn[0].heads * attn[0].head_dim, attn[0].to_q.in_features
