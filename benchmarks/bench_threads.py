@@ -16,7 +16,7 @@ What it measures (random weights, built here; the shapes are stated in the table
       collapsing (9-11 tok/s at 2 threads under contention against 170-218 at 1).
 
 Each under three conditions: no competitor; a competitor (`python -c "while True: pass"`) pinned to CPU 0;
-the same competitor unpinned. The pool size and torch's threads follow --threads' values (1, 2) together, as
+the same competitor unpinned (a busy loop: `while True: pass`, ending with the benchmark). The pool size and torch's threads follow --threads' values (1, 2) together, as
 `omni-edge --threads N` sets them. Rows are measured round-robin (condition x threads, repeated --reps
 times) so that drifts in the machine's load hit every row alike; the table gives medians over rounds and
 the 2-thread / 1-thread ratio per condition (> 1: two threads are faster). The load average is printed: on
@@ -53,7 +53,9 @@ def start_competitor(condition: str):
     pin = condition == "busy pinned cpu0"
     cpus = sorted(os.sched_getaffinity(0))
     pre = (lambda: os.sched_setaffinity(0, {cpus[0]})) if pin else None
-    p = subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=pre)
+    # busy until its parent (this benchmark) is gone, so an interrupted run leaves nothing spinning
+    p = subprocess.Popen([sys.executable, "-c", "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"],
+                         preexec_fn=pre)
     time.sleep(0.3)  # let it take its core
     return p
 
@@ -125,15 +127,18 @@ def main() -> int:
           f"{args.prefill_reps}; competitor: python -c 'while True: pass'")
 
     results = {(w, c, n): [] for w in workloads for c in CONDITIONS for n in (1, 2)}
-    for _ in range(args.reps):
+    for r in range(args.reps):
         for c in CONDITIONS:
             comp = start_competitor(c)
             try:
                 for n in (1, 2):
                     set_threads(n)
                     for w, (bb, kind) in workloads.items():
-                        measure(bb, kind, 2, 1)  # warm this thread count
+                        if kind == "decode":  # warm this thread count (each model's prefill follows its decode)
+                            measure(bb, kind, 2, 1)
                         results[(w, c, n)].append(measure(bb, kind, args.steps, args.prefill_reps))
+                        print(f"  round {r + 1}/{args.reps}, {c}, {n} thread(s), {w}: "
+                              f"{results[(w, c, n)][-1]:.1f} tok/s", file=sys.stderr, flush=True)
             finally:
                 stop_competitor(comp)
     set_threads(0)

@@ -142,7 +142,9 @@ def run(args) -> int:
         stages = _split(args.stages, STAGES, "stages")
         precisions = _split(args.precision, PRECISIONS, "precision")
         cli_args.apply_threads(args.threads)
-        export_bundle(args.bundle, stages, precisions, opset=args.opset, threads=args.threads)
+        from omni_edge import knobs
+        threads = knobs.settings().threads  # --threads, else OMNI_EDGE_THREADS, else None (every CPU)
+        export_bundle(args.bundle, stages, precisions, opset=args.opset, threads=threads)
     except ImportError as e:
         raise CliError(f"export needs onnx and onnxruntime (pip install onnx onnxruntime): {e}") from None
     except ValueError as e:
