@@ -127,23 +127,30 @@ PYBIND11_MODULE(_C, m) {
     d["inline_jobs"] = st.inline_jobs;
     d["helped_chunks"] = st.helped_chunks;
     d["caller_sleeps"] = st.caller_sleeps;
+    d["stalls"] = st.stalls;
+    d["backoff_jobs"] = st.backoff_jobs;
     return d;
   }, "Counters of the CPU pool (jobs posted, jobs run on their caller alone, chunks run by workers, ...)");
   // A pool job for the tests: chunk c adds c + 1 to counts[c] (int64) after ~work_us of busy work; with
-  // fail_at >= 0, chunk fail_at throws (RuntimeError). Returns the number of distinct threads that ran chunks.
+  // fail_at >= 0, chunk fail_at throws (RuntimeError); a chunk run off the caller's thread first sleeps
+  // helper_sleep_us (a worker that lost its core). Returns the number of distinct threads that ran chunks.
   m.def("pool_test_job",
-        [](uintptr_t counts, int64_t chunks, int max_threads, int64_t fail_at, double work_us) {
+        [](uintptr_t counts, int64_t chunks, int max_threads, int64_t fail_at, double work_us,
+           double helper_sleep_us) {
           struct Ctx {
             int64_t* counts;
             int64_t fail_at;
-            double work_us;
+            double work_us, helper_sleep_us;
+            std::thread::id caller;
             std::mutex mu;
             std::vector<std::thread::id> ids;
-          } c{ptr<int64_t>(counts), fail_at, work_us, {}, {}};
+          } c{ptr<int64_t>(counts), fail_at, work_us, helper_sleep_us, std::this_thread::get_id(), {}, {}};
           oe::parallel_chunks(
               chunks,
               [](void* p, int64_t i) {
                 Ctx& c = *static_cast<Ctx*>(p);
+                if (c.helper_sleep_us > 0 && std::this_thread::get_id() != c.caller)
+                  std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(c.helper_sleep_us));
                 const auto t0 = std::chrono::steady_clock::now();
                 while (std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() <
                        c.work_us) {
@@ -160,7 +167,7 @@ PYBIND11_MODULE(_C, m) {
           return static_cast<int>(c.ids.size());
         },
         py::arg("counts"), py::arg("chunks"), py::arg("max_threads") = 0, py::arg("fail_at") = -1,
-        py::arg("work_us") = 0.0, release_gil());
+        py::arg("work_us") = 0.0, py::arg("helper_sleep_us") = 0.0, release_gil());
   m.def("cuda_stream_sync", [](uintptr_t stream) { check(oe::cuda_stream_sync(stream)); }, release_gil());
 
   // ---- q4 (csrc/q4) -------------------------------------------------------------------------------

@@ -38,9 +38,9 @@ def pool_size():
     lib.set_num_threads(before)
 
 
-def run_job(chunks, *, max_threads=0, fail_at=-1, work_us=0.0):
+def run_job(chunks, *, max_threads=0, fail_at=-1, work_us=0.0, helper_sleep_us=0.0):
     counts = torch.zeros(max(chunks, 1), dtype=torch.int64)
-    used = lib.pool_test_job(counts.data_ptr(), chunks, max_threads, fail_at, work_us)
+    used = lib.pool_test_job(counts.data_ptr(), chunks, max_threads, fail_at, work_us, helper_sleep_us)
     return counts[:chunks], used
 
 
@@ -84,6 +84,31 @@ def test_workers_take_part(pool_size):
             break
     assert used == 2
     assert lib.pool_stats()["helped_chunks"] > before
+
+
+def test_back_off_after_a_stalled_helper(pool_size):
+    """A worker that holds a chunk while off its core (here it sleeps 20 ms inside its chunk) stalls its
+    caller; the next jobs then run at half width (the caller alone at size 2), and a size change resets that."""
+    pool_size(2)
+    before = lib.pool_stats()
+    for _ in range(20):  # the worker must take part to hold a chunk (on a loaded machine it may be late)
+        counts, used = run_job(200, work_us=50.0, helper_sleep_us=20000.0)
+        assert torch.equal(counts, expected(200))
+        if used == 2:
+            break
+    assert used == 2
+    stalled = lib.pool_stats()
+    assert stalled["stalls"] > before["stalls"]
+    counts, used = run_job(200, work_us=50.0)
+    assert torch.equal(counts, expected(200)) and used == 1
+    assert lib.pool_stats()["backoff_jobs"] > stalled["backoff_jobs"]
+    pool_size(2)  # resets the back-off: workers take part again
+    for _ in range(20):
+        counts, used = run_job(200, work_us=100.0)
+        assert torch.equal(counts, expected(200))
+        if used == 2:
+            break
+    assert used == 2
 
 
 @pytest.mark.parametrize("fail_at", [0, 5, 999])

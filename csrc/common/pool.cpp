@@ -16,6 +16,9 @@
 // call of them. A worker joins a job under the pool mutex (at most `wanted` workers per job) and then claims
 // its chunks without locks.
 //
+// Back-off (judge() below): jobs whose caller had to wait for a chunk held by a thread that lost its core make
+// the next jobs use fewer threads, so two threads under contention cost about what one does.
+//
 // Waiting. Workers poll for a new job for a few tens of microseconds (back-to-back decode matmuls arrive that
 // fast), then sleep on a condition variable. A caller that has run out of chunks to claim polls for a short
 // while, then sleeps until the thread running the last chunk wakes it: a sleeping caller leaves its core
@@ -24,6 +27,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -51,6 +55,8 @@ constexpr int kSlots = 8;              // jobs that can run at once with helpers
 constexpr int kWorkerSpins = 2000;     // ~20-60 us of polling for the next job before a worker sleeps
 constexpr int kCallerSpins = 2000;     // ~20-60 us of polling for the last chunks before a caller sleeps
 constexpr int64_t kMaxJobChunks = int64_t{1} << 31;  // chunk indices fit the low half of `next`
+constexpr int kMinBackoff = 8;    // jobs at reduced width after a first stall
+constexpr int kMaxBackoff = 512;  // ... and at most, after stalls in a row
 
 thread_local int tl_cap = 0;            // ScopedMaxThreads: 0 = no cap
 thread_local bool tl_is_worker = false; // nested jobs on a worker run inline
@@ -95,6 +101,8 @@ class Pool {
   void set_size(int n) {
     std::lock_guard<std::mutex> lk(mu_);
     size_.store(n > 0 ? n : affinity_cpus(), std::memory_order_relaxed);
+    backoff_left_.store(0);
+    backoff_len_.store(kMinBackoff);
     epoch_.fetch_add(1);
     cv_.notify_all();
     park_cv_.notify_all();
@@ -102,6 +110,13 @@ class Pool {
 
   void run(int64_t chunks, ChunkFn fn, void* ctx, int threads) {
     if (chunks <= 0) return;
+    bool probe = threads > 1;  // a job at full width: its outcome adjusts the back-off
+    if (threads > 1 && backoff_left_.load(std::memory_order_relaxed) > 0) {
+      backoff_left_.fetch_sub(1, std::memory_order_relaxed);
+      backoff_jobs_.fetch_add(1, std::memory_order_relaxed);
+      threads /= 2;
+      probe = false;
+    }
     if (threads <= 1 || chunks == 1 || tl_is_worker || g_forked_child.load(std::memory_order_relaxed)) {
       if (chunks > 1) inline_jobs_.fetch_add(1, std::memory_order_relaxed);
       for (int64_t c = 0; c < chunks; ++c) fn(ctx, c);
@@ -143,7 +158,9 @@ class Pool {
       return;
     }
     jobs_.fetch_add(1, std::memory_order_relaxed);
-    work(*s, gen, fn, ctx, chunks);
+    const auto t0 = std::chrono::steady_clock::now();
+    const int64_t own = work(*s, gen, fn, ctx, chunks);
+    const auto t1 = std::chrono::steady_clock::now();
     // Wait for the chunks other threads started: poll briefly, then sleep until the last one wakes us.
     int spins = 0;
     while (s->done.load(std::memory_order_acquire) < chunks && spins < kCallerSpins) {
@@ -161,6 +178,7 @@ class Pool {
     s->error = nullptr;
     s->busy = false;
     lk.unlock();
+    if (probe) judge(own, t1 - t0, std::chrono::steady_clock::now() - t1);
     if (err) std::rethrow_exception(err);
   }
 
@@ -173,10 +191,33 @@ class Pool {
     st.inline_jobs = inline_jobs_.load();
     st.helped_chunks = helped_chunks_.load();
     st.caller_sleeps = caller_sleeps_.load();
+    st.stalls = stalls_.load();
+    st.backoff_jobs = backoff_jobs_.load();
     return st;
   }
 
  private:
+  // Back-off. A caller that has run out of chunks waits for the ones other threads hold; if a holder lost its
+  // core to other work, that wait is a scheduler time slice or more, far longer than the chunk. Such a stall
+  // (waiting longer than three of the caller's own chunks plus 200 us) halves the threads of the next
+  // backoff_len_ jobs; every stall in a row doubles that length (up to kMaxBackoff jobs), and a full-width job
+  // without a stall resets it. Under steady contention two threads then cost about what one does (one probe
+  // job in kMaxBackoff stalls); on a quiet machine jobs run at full width.
+  template <class D>
+  void judge(int64_t own_chunks, D own_time, D wait_time) {
+    using us = std::chrono::duration<double, std::micro>;
+    const double own_us = us(own_time).count(), wait_us = us(wait_time).count();
+    const double per_chunk = own_chunks > 0 ? own_us / static_cast<double>(own_chunks) : own_us;
+    if (wait_us > 3.0 * per_chunk + 200.0) {
+      stalls_.fetch_add(1, std::memory_order_relaxed);
+      const int len = backoff_len_.load(std::memory_order_relaxed);
+      backoff_left_.store(len, std::memory_order_relaxed);
+      backoff_len_.store(std::min(2 * len, kMaxBackoff), std::memory_order_relaxed);
+    } else {
+      backoff_len_.store(kMinBackoff, std::memory_order_relaxed);
+    }
+  }
+
   // Claims and runs chunks of the job (slot, generation) until none is left; returns how many it ran.
   int64_t work(Slot& s, uint32_t gen, ChunkFn fn, void* ctx, int64_t chunks) {
     int64_t ran = 0;
@@ -270,7 +311,9 @@ class Pool {
   std::atomic<uint64_t> epoch_{0};  // bumped on every new job and size change
   int sleepers_ = 0;
   uint32_t gen_counter_ = 0;
-  std::atomic<int64_t> jobs_{0}, inline_jobs_{0}, helped_chunks_{0}, caller_sleeps_{0};
+  std::atomic<int64_t> jobs_{0}, inline_jobs_{0}, helped_chunks_{0}, caller_sleeps_{0}, stalls_{0}, backoff_jobs_{0};
+  std::atomic<int> backoff_left_{0};            // jobs still to run at reduced width
+  std::atomic<int> backoff_len_{kMinBackoff};  // the next back-off's length
 };
 
 Pool& pool() {

@@ -11,6 +11,8 @@
 // - Several callers (e.g. an audio encoder on one Python thread while the backbone decodes on another) run
 //   their jobs at the same time: a second job is never queued behind the first; it runs on its own caller's
 //   thread and on whatever workers are idle.
+// - A job whose caller waited long for a chunk held by a thread that lost its core (another process took
+//   it) makes the next jobs run on fewer threads for a while (back-off; a size change resets it).
 // - No spin barrier: waiting workers poll for a few microseconds, then sleep; a caller whose last chunks run
 //   elsewhere polls briefly, then sleeps until they finish (freeing its core for the thread it waits on).
 // - An exception thrown by fn is caught wherever it happens; the remaining chunks are skipped (claimed, not
@@ -63,6 +65,8 @@ struct PoolStats {
   int64_t inline_jobs;   // multi-chunk jobs run on the caller alone (one thread, or every job slot busy)
   int64_t helped_chunks; // chunks run by workers rather than callers
   int64_t caller_sleeps; // times a caller slept waiting for chunks running elsewhere
+  int64_t stalls;        // jobs whose caller waited far longer than a chunk for another thread (lost its core)
+  int64_t backoff_jobs;  // jobs run at half width after a stall (see pool.cpp, back-off)
 };
 PoolStats pool_stats();
 
