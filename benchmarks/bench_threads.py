@@ -67,6 +67,7 @@ def stop_competitor(p) -> None:
 
 
 def set_threads(n: int) -> None:
+    """The pool and torch's threads together, as `--threads N` sets them."""
     from omni_edge import _native
     _native.lib().set_num_threads(n)
     torch.set_num_threads(n)
@@ -141,8 +142,7 @@ def main() -> int:
                               f"{results[(w, c, n)][-1]:.1f} tok/s", file=sys.stderr, flush=True)
             finally:
                 stop_competitor(comp)
-    set_threads(0)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    set_threads(len(os.sched_getaffinity(0)))
 
     row = "{:<46s} {:<18s} {:>12s} {:>12s} {:>9s}"
     print()
