@@ -55,8 +55,9 @@ constexpr int kSlots = 8;              // jobs that can run at once with helpers
 constexpr int kWorkerSpins = 2000;     // ~20-60 us of polling for the next job before a worker sleeps
 constexpr int kCallerSpins = 2000;     // ~20-60 us of polling for the last chunks before a caller sleeps
 constexpr int64_t kMaxJobChunks = int64_t{1} << 31;  // chunk indices fit the low half of `next`
-constexpr int kMinBackoff = 8;    // jobs at reduced width after a first stall
-constexpr int kMaxBackoff = 512;  // ... and at most, after stalls in a row
+constexpr int kMinBackoff = 16;                       // reduced width for 16x the first stall's wait
+constexpr int kMaxBackoff = 1024;                     // ... and at most 1024x after stalls in a row
+constexpr int64_t kMaxBackoffNs = 2'000'000'000;      // but never longer than 2 s
 
 thread_local int tl_cap = 0;            // ScopedMaxThreads: 0 = no cap
 thread_local bool tl_is_worker = false; // nested jobs on a worker run inline
@@ -101,8 +102,8 @@ class Pool {
   void set_size(int n) {
     std::lock_guard<std::mutex> lk(mu_);
     size_.store(n > 0 ? n : affinity_cpus(), std::memory_order_relaxed);
-    backoff_left_.store(0);
-    backoff_len_.store(kMinBackoff);
+    backoff_until_ns_.store(0);
+    backoff_mult_.store(kMinBackoff);
     epoch_.fetch_add(1);
     cv_.notify_all();
     park_cv_.notify_all();
@@ -111,8 +112,7 @@ class Pool {
   void run(int64_t chunks, ChunkFn fn, void* ctx, int threads) {
     if (chunks <= 0) return;
     bool probe = threads > 1;  // a job at full width: its outcome adjusts the back-off
-    if (threads > 1 && backoff_left_.load(std::memory_order_relaxed) > 0) {
-      backoff_left_.fetch_sub(1, std::memory_order_relaxed);
+    if (threads > 1 && now_ns() < backoff_until_ns_.load(std::memory_order_relaxed)) {
       backoff_jobs_.fetch_add(1, std::memory_order_relaxed);
       threads /= 2;
       probe = false;
@@ -198,11 +198,13 @@ class Pool {
 
  private:
   // Back-off. A caller that has run out of chunks waits for the ones other threads hold; if a holder lost its
-  // core to other work, that wait is a scheduler time slice or more, far longer than the chunk. Such a stall
-  // (waiting longer than three of the caller's own chunks plus 200 us) halves the threads of the next
-  // backoff_len_ jobs; every stall in a row doubles that length (up to kMaxBackoff jobs), and a full-width job
-  // without a stall resets it. Under steady contention two threads then cost about what one does (one probe
-  // job in kMaxBackoff stalls); on a quiet machine jobs run at full width.
+  // core to other work, that wait is a scheduler time slice or more, far longer than the chunk. After such a
+  // stall (a wait W longer than three of the caller's own chunks plus 200 us), jobs run at half width for
+  // mult x W of wall time (at most kMaxBackoffNs); mult doubles with every stall in a row (up to kMaxBackoff)
+  // and returns to kMinBackoff after a full-width job without one. Under steady contention the probes cost
+  // about 1/mult of the time, so two threads cost about what one does; on a quiet machine jobs run at full
+  // width. Time rather than a job count, so that a few long prefill jobs and many short decode jobs alike
+  // pay a small fraction for the probes.
   template <class D>
   void judge(int64_t own_chunks, D own_time, D wait_time) {
     using us = std::chrono::duration<double, std::micro>;
@@ -210,12 +212,18 @@ class Pool {
     const double per_chunk = own_chunks > 0 ? own_us / static_cast<double>(own_chunks) : own_us;
     if (wait_us > 3.0 * per_chunk + 200.0) {
       stalls_.fetch_add(1, std::memory_order_relaxed);
-      const int len = backoff_len_.load(std::memory_order_relaxed);
-      backoff_left_.store(len, std::memory_order_relaxed);
-      backoff_len_.store(std::min(2 * len, kMaxBackoff), std::memory_order_relaxed);
+      const int mult = backoff_mult_.load(std::memory_order_relaxed);
+      const double span_ns = std::min(static_cast<double>(kMaxBackoffNs), mult * wait_us * 1e3);
+      backoff_until_ns_.store(now_ns() + static_cast<int64_t>(span_ns), std::memory_order_relaxed);
+      backoff_mult_.store(std::min(2 * mult, kMaxBackoff), std::memory_order_relaxed);
     } else {
-      backoff_len_.store(kMinBackoff, std::memory_order_relaxed);
+      backoff_mult_.store(kMinBackoff, std::memory_order_relaxed);
     }
+  }
+
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
   }
 
   // Claims and runs chunks of the job (slot, generation) until none is left; returns how many it ran.
@@ -312,8 +320,8 @@ class Pool {
   int sleepers_ = 0;
   uint32_t gen_counter_ = 0;
   std::atomic<int64_t> jobs_{0}, inline_jobs_{0}, helped_chunks_{0}, caller_sleeps_{0}, stalls_{0}, backoff_jobs_{0};
-  std::atomic<int> backoff_left_{0};            // jobs still to run at reduced width
-  std::atomic<int> backoff_len_{kMinBackoff};  // the next back-off's length
+  std::atomic<int64_t> backoff_until_ns_{0};    // jobs run at reduced width until then (steady clock)
+  std::atomic<int> backoff_mult_{kMinBackoff};  // the next back-off lasts mult x the stall
 };
 
 Pool& pool() {
