@@ -2,6 +2,7 @@
 
     python benchmarks/bench_threads.py                  # about 2-4 minutes
     python benchmarks/bench_threads.py --reps 5 --steps 24
+    python benchmarks/bench_threads.py --only q4          # the 4-bit rows only
 
 What it measures (random weights, built here; the shapes are stated in the table header):
 
@@ -99,6 +100,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3, help="rounds over every row (default 3)")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per measurement (default 16)")
     ap.add_argument("--prefill-reps", type=int, default=2, help="prefills per measurement (default 2)")
+    ap.add_argument("--only", default="", help="run only the workloads whose name contains this text (e.g. q4)")
     args = ap.parse_args()
 
     from omni_edge import _native, knobs
@@ -118,6 +120,7 @@ def main() -> int:
     workloads["q4 2048x16 prefill 64"] = (bq, "prefill")
     workloads["fp32 SmolLM2-shape decode"] = (bs, "decode")
     workloads["fp32 SmolLM2-shape prefill 64 (torch matmul)"] = (bs, "prefill")
+    workloads = {w: v for w, v in workloads.items() if args.only in w}
     build_s = time.perf_counter() - t0
 
     kr = kernel_report(torch.device("cpu"), uses_q4=True, uses_rvq=False)
