@@ -14,7 +14,8 @@ What it measures (random weights, built here; the shapes are stated in the table
     * the 4-bit backbone: q4 GEMM and attention on the kernels' pool,
     * the SmolLM2-shaped fp32 backbone: its dense matmuls run in torch (torch's own OpenMP pool, whose
       threads spin at barriers), attention on the kernels' pool. This is the row the project's issue measured
-      collapsing (9-11 tok/s at 2 threads under contention against 170-218 at 1).
+      collapsing (9-11 tok/s at 2 threads under contention against 170-218 at 1). The omni-edge command sets
+      OMP_WAIT_POLICY=PASSIVE before torch loads, and so does this script unless --omp-active is given.
 
 Each under three conditions: no competitor; a competitor (`python -c "while True: pass"`) pinned to CPU 0;
 the same competitor unpinned (a busy loop: `while True: pass`, ending with the benchmark). The pool size and torch's threads follow --threads' values (1, 2) together, as
@@ -34,7 +35,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+if "--omp-active" not in sys.argv:  # as the `omni-edge` command does (omni_edge/cli.py), before torch loads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_backbone import backbone_config, random_backbone  # noqa: E402  (same folder)
@@ -100,6 +104,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3, help="rounds over every row (default 3)")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per measurement (default 16)")
     ap.add_argument("--prefill-reps", type=int, default=2, help="prefills per measurement (default 2)")
+    ap.add_argument("--omp-active", action="store_true",
+                    help="leave torch's OpenMP threads spinning at barriers (libgomp's default) instead of "
+                         "OMP_WAIT_POLICY=PASSIVE, which the omni-edge command sets")
     ap.add_argument("--only", default="", help="run only the workloads whose name contains this text (e.g. q4)")
     args = ap.parse_args()
 
@@ -126,7 +133,8 @@ def main() -> int:
     kr = kernel_report(torch.device("cpu"), uses_q4=True, uses_rvq=False)
     print(f"conditions: CPUs {sorted(os.sched_getaffinity(0))}, CPU kernel level {kr['isa']}, native decode step "
           f"{'on' if knobs.settings().native_decode else 'off'}, torch {torch.__version__}; load average before: "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; models built in {build_s:.0f} s")
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; models built in {build_s:.0f} s; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset: libgomp spins)')}")
     print(f"rounds {args.reps}, decode {args.steps} steps after a {PROMPT}-token prompt, prefill median of "
           f"{args.prefill_reps}; competitor: python -c 'while True: pass'")
 

@@ -58,6 +58,12 @@ def _switch_problems() -> list:
 
 
 def main(argv=None) -> int:
+    # torch's OpenMP threads spin at every barrier by default; on a core shared with another process a spinning
+    # waiter turns a 2-thread prefill several times slower than one thread. Passive waiting (sleep at once)
+    # keeps 2 threads at about 1-thread speed under contention. Read when torch loads, so set before that;
+    # an explicit OMP_WAIT_POLICY in the environment wins.
+    import os
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

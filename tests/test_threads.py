@@ -430,3 +430,16 @@ def test_apply_threads(pool_size):
     finally:
         knobs.set("threads", settings_before.threads)
         torch.set_num_threads(torch_before)
+
+
+def test_command_sets_passive_openmp_waiting(monkeypatch, capsys):
+    """`omni-edge` asks torch's OpenMP threads to sleep rather than spin while waiting (what keeps a 2-thread
+    prefill from collapsing when another process takes a core); a value the user set is kept."""
+    from omni_edge.cli import main
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    main(["info"])
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    main(["info"])
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    capsys.readouterr()
