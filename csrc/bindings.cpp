@@ -9,12 +9,18 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
 #include <string>
 #include <vector>
 
 #include "common/cpu_features.h"
 #include "common/cuda_info.h"
+#include "common/pool.h"
 #include "common/oe.h"
 #include "q4/q4.h"
 
@@ -65,11 +71,7 @@ py::dict build_info() {
   d["isa_available"] = oe::isa_name(oe::isa_available());
   d["isa_active"] = oe::isa_name(oe::isa_active());
   d["threads"] = oe::num_threads();
-#if defined(OE_WITH_OPENMP)
-  d["openmp"] = true;
-#else
-  d["openmp"] = false;
-#endif
+  d["threads_default"] = oe::default_num_threads();
   d["cuda_compiled"] = oe::cuda_compiled();
   d["cuda_archs"] = std::string(oe::cuda_archs());
 #if defined(OE_VERSION_INFO)
@@ -113,8 +115,59 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_isa_cap", [](const std::string& s) { oe::isa_set_cap(isa_from_name(s)); },
         "Cap the CPU instruction set the kernels use (tests use it to exercise every path)");
   m.def("isa_active", []() { return std::string(oe::isa_name(oe::isa_active())); });
-  m.def("set_num_threads", &oe::set_num_threads);
-  m.def("num_threads", &oe::num_threads);
+  m.def("set_num_threads", &oe::set_num_threads, py::arg("n"),
+        "Size of the CPU pool every kernel family shares (n <= 0: the CPUs this process may run on)");
+  m.def("num_threads", &oe::num_threads, "Threads a kernel called from this thread may use, the caller included");
+  m.def("pool_stats", []() {
+    const oe::PoolStats st = oe::pool_stats();
+    py::dict d;
+    d["size"] = st.size;
+    d["workers"] = st.workers;
+    d["jobs"] = st.jobs;
+    d["inline_jobs"] = st.inline_jobs;
+    d["helped_chunks"] = st.helped_chunks;
+    d["caller_sleeps"] = st.caller_sleeps;
+    d["stalls"] = st.stalls;
+    d["backoff_jobs"] = st.backoff_jobs;
+    return d;
+  }, "Counters of the CPU pool (jobs posted, jobs run on their caller alone, chunks run by workers, ...)");
+  // A pool job for the tests: chunk c adds c + 1 to counts[c] (int64) after ~work_us of busy work; with
+  // fail_at >= 0, chunk fail_at throws (RuntimeError); a chunk run off the caller's thread first sleeps
+  // helper_sleep_us (a worker that lost its core). Returns the number of distinct threads that ran chunks.
+  m.def("pool_test_job",
+        [](uintptr_t counts, int64_t chunks, int max_threads, int64_t fail_at, double work_us,
+           double helper_sleep_us) {
+          struct Ctx {
+            int64_t* counts;
+            int64_t fail_at;
+            double work_us, helper_sleep_us;
+            std::thread::id caller;
+            std::mutex mu;
+            std::vector<std::thread::id> ids;
+          } c{ptr<int64_t>(counts), fail_at, work_us, helper_sleep_us, std::this_thread::get_id(), {}, {}};
+          oe::parallel_chunks(
+              chunks,
+              [](void* p, int64_t i) {
+                Ctx& c = *static_cast<Ctx*>(p);
+                if (c.helper_sleep_us > 0 && std::this_thread::get_id() != c.caller)
+                  std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(c.helper_sleep_us));
+                const auto t0 = std::chrono::steady_clock::now();
+                while (std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() <
+                       c.work_us) {
+                }
+                {
+                  std::lock_guard<std::mutex> lk(c.mu);
+                  const auto id = std::this_thread::get_id();
+                  if (std::find(c.ids.begin(), c.ids.end(), id) == c.ids.end()) c.ids.push_back(id);
+                }
+                if (i == c.fail_at) throw std::runtime_error("pool test: chunk " + std::to_string(i) + " failed");
+                c.counts[i] += i + 1;
+              },
+              &c, max_threads);
+          return static_cast<int>(c.ids.size());
+        },
+        py::arg("counts"), py::arg("chunks"), py::arg("max_threads") = 0, py::arg("fail_at") = -1,
+        py::arg("work_us") = 0.0, py::arg("helper_sleep_us") = 0.0, release_gil());
   m.def("cuda_stream_sync", [](uintptr_t stream) { check(oe::cuda_stream_sync(stream)); }, release_gil());
 
   // ---- q4 (csrc/q4) -------------------------------------------------------------------------------

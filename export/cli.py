@@ -12,6 +12,9 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from omni_edge import cli_args
+
+
 def _vision(ctx):
     from . import vision
 
@@ -86,7 +89,7 @@ def add_arguments(p) -> None:
     p.add_argument("--precision", default="float32,float16",
                    help="comma-separated graph precisions: float32, float16 (default: both)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads for the parity check")
+    cli_args.add_threads(p, " for tracing, the parity check's onnxruntime sessions and the native kernels")
 
 
 def _split(value: str, known, what: str):
@@ -138,7 +141,10 @@ def run(args) -> int:
     try:
         stages = _split(args.stages, STAGES, "stages")
         precisions = _split(args.precision, PRECISIONS, "precision")
-        export_bundle(args.bundle, stages, precisions, opset=args.opset, threads=args.threads)
+        cli_args.apply_threads(args.threads)
+        from omni_edge import knobs
+        threads = knobs.settings().threads  # --threads, else OMNI_EDGE_THREADS, else None (every CPU)
+        export_bundle(args.bundle, stages, precisions, opset=args.opset, threads=threads)
     except ImportError as e:
         raise CliError(f"export needs onnx and onnxruntime (pip install onnx onnxruntime): {e}") from None
     except ValueError as e:

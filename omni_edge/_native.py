@@ -18,6 +18,7 @@ def lib():
     from omni_edge import knobs
 
     _C.set_isa_cap(knobs.settings().isa or "avx512")  # OMNI_EDGE_ISA, read once in omni_edge.knobs
+    knobs._apply_threads(knobs.settings())  # OMNI_EDGE_THREADS: the size of the native kernels' CPU pool
     return _C
 
 

@@ -64,6 +64,11 @@ def main(argv=None) -> int:
     # weights then stream without TLB misses and the q4 kernels' huge-page advice has nothing left to move.
     if "torch" not in sys.modules:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # torch's OpenMP threads spin at every barrier by default; on a core shared with another process a spinning
+    # waiter turns a 2-thread prefill several times slower than one thread. Passive waiting (sleep at once)
+    # keeps 2 threads at about 1-thread speed under contention. Read when torch loads, so set before that;
+    # an explicit OMP_WAIT_POLICY in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

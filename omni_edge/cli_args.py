@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 from typing import Callable, Optional
 
@@ -21,10 +20,8 @@ SEED_MAX = 2**63 - 1
 
 def cpu_count() -> int:
     """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    from omni_edge.knobs import cpu_count as count
+    return count()
 
 
 def _int(text: str, what: str) -> int:
@@ -55,6 +52,21 @@ def threads(text: str) -> int:
 
 
 threads.__name__ = "thread count"
+
+
+def add_threads(p: argparse.ArgumentParser, what: str = "") -> None:
+    """The `--threads N` option every command that computes takes (apply it with `apply_threads`)."""
+    p.add_argument("--threads", type=threads, metavar="N", default=None,
+                   help=f"CPU threads{what}, 1..{cpu_count()} (default: OMNI_EDGE_THREADS, else every CPU this "
+                        f"process may use)")
+
+
+def apply_threads(n: Optional[int]) -> None:
+    """Make `--threads N` the size of the native kernels' CPU pool and of torch's intra-op threads (the
+    OMNI_EDGE_THREADS switch, omni_edge/knobs.py); None leaves the switch as it is."""
+    if n is not None:
+        from omni_edge import knobs
+        knobs.set("threads", n)
 
 
 def finite_float(min: Optional[float] = None, max: Optional[float] = None) -> Callable[[str], float]:

@@ -34,7 +34,9 @@ def run(args) -> int:
                         "avx512vnni", "avx512bf16") if feats[k]]
     print(f"CPU ISA features:      {' '.join(have) or 'none beyond the baseline'}")
     print(f"CPU kernel level:      {info['isa_available']} available, {info['isa_active']} used")
-    print(f"CPU threads:           {info['threads']} (OpenMP {_yes(info['openmp'])})")
+    pool = C.pool_stats()
+    print(f"CPU threads:           {pool['size']} in the native kernels' pool (CPUs this process may use: "
+          f"{info['threads_default']}; set with --threads or OMNI_EDGE_THREADS)")
     archs = ", ".join(f"sm_{a}" for a in info["cuda_archs"].split(",") if a)
     print(f"CUDA kernels compiled: {_yes(info['cuda_compiled'])}" + (f" ({archs})" if archs else ""))
     gpus = C.cuda_devices()

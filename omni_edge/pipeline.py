@@ -307,15 +307,14 @@ def kernel_report(device, *, uses_q4: bool = True, uses_rvq: bool = False) -> Di
 
 
 def set_threads(n: int) -> None:
-    """CPU threads for torch and for the native kernels (1 .. the cores this process may use)."""
-    import os
+    """CPU threads for torch and for the native kernels' pool (1 .. the cores this process may use): the
+    OMNI_EDGE_THREADS switch (omni_edge/knobs.py). ValueError naming the limit otherwise."""
+    from omni_edge import knobs
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if not isinstance(n, int) or not 1 <= n <= cores:
-        raise ValueError(f"threads must be an integer from 1 to {cores} (the cores available), got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ValueError(f"threads must be an integer from 1 to {knobs.cpu_count()} (the cores available), got {n!r}")
+    knobs.set("threads", n)  # applies to the pool (once the library is loaded) and to torch
     torch.set_num_threads(n)
-    if _native.available():
-        _native.lib().set_num_threads(n)
 
 
 def _open_weights(path: Path):

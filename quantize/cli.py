@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from omni_edge import cli_args
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC", help="source checkpoint folder: Baichuan-Omni-1.5, or a plain HF "
@@ -45,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: hift.pt or vocoder.safetensors in SRC, if there)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is an existing bundle")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    cli_args.add_threads(p, " for the quantizer's torch math and the native kernels")
 
 
 def run(args) -> int:
@@ -56,6 +59,7 @@ def run(args) -> int:
     from .bundle_writer import OutputExistsError
     from .report import format_report
 
+    cli_args.apply_threads(getattr(args, "threads", None))
     if args.group_size != -1 and args.group_size <= 0:
         raise CliError(f"--group-size must be -1 (per-channel) or positive, got {args.group_size}")
     if (args.nsamples is not None and args.nsamples <= 0) or args.seqlen < 2:

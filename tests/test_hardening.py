@@ -463,7 +463,7 @@ def test_bad_environment_switch_is_reported(capsys, monkeypatch):
 def test_switches_listed_and_overridable(capsys):
     names = {row["variable"] for row in knobs.table()}
     assert names == {"OMNI_EDGE_ISA", "OMNI_EDGE_NATIVE", "OMNI_EDGE_NATIVE_DECODE", "OMNI_EDGE_Q4_EXACT",
-                     "OMNI_EDGE_CUDA_GRAPH", "OMNI_EDGE_CACHE"}
+                     "OMNI_EDGE_CUDA_GRAPH", "OMNI_EDGE_CACHE", "OMNI_EDGE_THREADS"}
     rc, out, err = _cli(capsys, "info")
     for name in names:
         assert name in out

@@ -15,7 +15,7 @@
 //
 // Every CPU entry point has a scalar reference (`*_ref`), a plain two-pass softmax loop that the tests
 // compare the fast path against. The fast path (`*_cpu`) runs an online-softmax tile loop with AVX-512 /
-// AVX2 / portable micro-kernels chosen by oe::isa_active(), threaded with OpenMP over (batch, kv head,
+// AVX2 / portable micro-kernels chosen by oe::isa_active(), threaded on the CPU pool over (batch, kv head,
 // query block) and, for decode, over splits of the key sequence.
 #pragma once
 #include <cstdint>

@@ -1,4 +1,4 @@
-// CPU attention: argument checks, work decomposition, OpenMP scheduling, ISA dispatch and the portable
+// CPU attention: argument checks, work decomposition over the CPU pool, ISA dispatch and the portable
 // micro-kernel policy. The tile loop itself is attention_cpu_impl.h.
 #include <cmath>
 #include <cstring>
@@ -9,10 +9,6 @@
 #include "attention/attention_internal.h"
 #include "common/cpu_features.h"
 #include "common/half.h"
-
-#if defined(OE_WITH_OPENMP)
-#include <omp.h>
-#endif
 
 namespace oe {
 namespace attn {
@@ -167,11 +163,9 @@ float* thread_scratch(int64_t n) {
 void run_tasks(const std::vector<GroupTask>& tasks, int D) {
   const GroupFn fn = pick_kernel();
   const int64_t need = scratch_floats(D);
-  const int64_t n = static_cast<int64_t>(tasks.size());
-#if defined(OE_WITH_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1) if (n > 1)
-#endif
-  for (int64_t i = 0; i < n; ++i) fn(tasks[static_cast<size_t>(i)], thread_scratch(need));
+  // One task per chunk, claimed in order by whichever thread is free (tasks differ in length: causal rows).
+  parallel_for(static_cast<int64_t>(tasks.size()),
+               [&](int64_t i) { fn(tasks[static_cast<size_t>(i)], thread_scratch(need)); });
 }
 
 GroupTask base_task(oe_dtype dt, int D, float scale) {
@@ -305,10 +299,9 @@ extern "C" oe_status oe_attention_decode_cpu(const void* q, const void* k_cache,
 
   // Combine the splits: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s, M = max_s m_s.
   const int64_t total = B * Hq;
-#if defined(OE_WITH_OPENMP)
-#pragma omp parallel for schedule(static) if (total * splits * D > 65536)
-#endif
-  for (int64_t bh = 0; bh < total; ++bh) {
+  // Small combines (under 64K partial floats) run here alone: handing them out costs more than they take.
+  const int combine_threads = total * splits * D > 65536 ? 0 : 1;
+  parallel_for(total, [&](int64_t bh) {
     const int64_t b = bh / Hq, h = bh % Hq;
     const int64_t kvh = h / rep, g = h % rep, hc = g / hc_size, mi = g % hc_size;
     const int64_t task0 = ((b * Hkv + kvh) * n_hc + hc) * splits;
@@ -331,7 +324,7 @@ extern "C" oe_status oe_attention_decode_cpu(const void* q, const void* k_cache,
     }
     store_f32_row(acc, l > 0.0f ? 1.0f / l : 0.0f, dt, static_cast<int>(D),
                   static_cast<char*>(out) + (bh * D) * es);
-  }
+  }, combine_threads);
   return OE_OK;
 }
 

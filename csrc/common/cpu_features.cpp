@@ -3,10 +3,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(OE_WITH_OPENMP)
-#include <omp.h>
-#endif
-
 namespace oe {
 namespace {
 
@@ -69,22 +65,6 @@ const char* isa_name(Isa isa) {
     case Isa::Avx512: return "avx512";
   }
   return "?";
-}
-
-int num_threads() {
-#if defined(OE_WITH_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-void set_num_threads(int n) {
-#if defined(OE_WITH_OPENMP)
-  if (n > 0) omp_set_num_threads(n);
-#else
-  (void)n;
-#endif
 }
 
 }  // namespace oe

@@ -1,5 +1,6 @@
 // Runtime CPU instruction-set detection and the dispatch level every CPU kernel family follows.
 #pragma once
+#include "common/pool.h"  // num_threads(): the CPU thread pool every kernel family shares
 
 namespace oe {
 
@@ -22,9 +23,5 @@ Isa isa_available();
 Isa isa_active();
 void isa_set_cap(Isa cap);
 const char* isa_name(Isa isa);
-
-// OpenMP threads the kernels use (omp_get_max_threads, or 1 without OpenMP).
-int num_threads();
-void set_num_threads(int n);
 
 }  // namespace oe

@@ -159,10 +159,8 @@ inline oe_status linear(const oe_decode_linear& l, const float* x, float* y, int
   const int threads = num_threads();
   const int64_t bytes = l.kind == OE_DECODE_Q4 ? l.q4.Kp * l.q4.N / 2 : l.N * l.K * int64_t(sizeof(float));
   if (threads <= 1 || bytes >= kSerialLinearBytes) return linear_run(l, x, y, mode, p);
-  set_num_threads(1);
-  const oe_status st = linear_run(l, x, y, mode, p);
-  set_num_threads(threads);
-  return st;
+  ScopedMaxThreads one(1);  // this call only: a concurrent caller keeps its threads
+  return linear_run(l, x, y, mode, p);
 }
 
 }  // namespace
@@ -275,9 +273,10 @@ extern "C" oe_status oe_decode_step_cpu(oe_decode_plan* p, const float* h_in, fl
       std::memcpy(L.k_cache + (hh * S + pos) * D, k + hh * D, static_cast<size_t>(D) * sizeof(float));
       std::memcpy(L.v_cache + (hh * S + pos) * D, v + hh * D, static_cast<size_t>(D) * sizeof(float));
     }
-    if (serial_attn) set_num_threads(1);
-    st = oe_attention_decode_cpu(q, L.k_cache, L.v_cache, p->attn, 1, Hq, Hkv, S, D, &p->length, scale, OE_F32, 0);
-    if (serial_attn) set_num_threads(threads);
+    {
+      ScopedMaxThreads cap(serial_attn ? 1 : 0);  // 0: no cap
+      st = oe_attention_decode_cpu(q, L.k_cache, L.v_cache, p->attn, 1, Hq, Hkv, S, D, &p->length, scale, OE_F32, 0);
+    }
     if (st != OE_OK) return st;
     if ((st = linear(L.o, p->attn, t, q4_mode, p)) != OE_OK) return st;
     for (int64_t i = 0; i < C; ++i) h[i] += t[i];

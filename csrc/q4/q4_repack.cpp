@@ -1,6 +1,7 @@
 // GPTQ qweight (K/8, N) int32 -> tiled codes (nt, Kp/8, 16), the load-time repack of FORMAT.md §2 on the CPU.
 // Bit-identical to omni_edge.ops.q4._tile_codes / _tile_gptq_words (the torch spec, used for GPU tensors);
-// tests compare the two. Threads split the column tiles.
+// tests compare the two. The CPU pool splits the column tiles.
+#include "common/pool.h"
 #include "q4/q4.h"
 
 namespace oe {
@@ -36,8 +37,7 @@ extern "C" oe_status oe_q4_repack_gptq_cpu(const int32_t* qweight, int64_t K, in
   const int64_t nt = (N + kTileN - 1) / kTileN, octets = Kp / kOctet;
   const uint32_t* src = reinterpret_cast<const uint32_t*>(qweight);
   uint32_t* dst = reinterpret_cast<uint32_t*>(codes);
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < nt; ++t) {
+  parallel_for(nt, [&](int64_t t) {
     for (int64_t o = 0; o < octets; ++o) {
       for (int l = 0; l < kTileN; ++l) {
         const int64_t n = t * kTileN + l;
@@ -52,6 +52,6 @@ extern "C" oe_status oe_q4_repack_gptq_cpu(const int32_t* qweight, int64_t K, in
         dst[(t * octets + o) * kTileN + l] = tile_word(c);
       }
     }
-  }
+  });
   return OE_OK;
 }

@@ -1,6 +1,7 @@
 // CPU RVQ: argument checks, the portable inner loops, ISA dispatch and the decode / encode drivers
-// (OpenMP over frames x dims for decode; encode: a packed, register-tiled screening GEMM over blocks of
-// codebook rows, then an exact per-frame decision).
+// (the CPU pool over frames x dims for decode; encode: a packed, register-tiled screening GEMM over blocks of
+// codebook rows, then an exact per-frame decision, each loop on the pool).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -9,10 +10,6 @@
 #include "common/half.h"
 #include "rvq/rvq.h"
 #include "rvq/rvq_internal.h"
-
-#if defined(OE_WITH_OPENMP)
-#include <omp.h>
-#endif
 
 namespace oe {
 namespace rvq {
@@ -151,10 +148,9 @@ extern "C" oe_status oe_rvq_decode_cpu(const void* codes, int codes_int64, int64
   const int64_t nchunk = (D + kChunk - 1) / kChunk;
   const int64_t items = T * nchunk;
   const int64_t es = static_cast<int64_t>(dtype_size(dt));
-#if defined(OE_WITH_OPENMP)
-#pragma omp parallel for schedule(static) if (items > 1 && T * D * L > 32768)
-#endif
-  for (int64_t it = 0; it < items; ++it) {
+  // Small decodes (a few frames of a narrow book) run here alone: handing them out costs more than they take.
+  const int threads = T * D * L > 32768 ? 0 : 1;
+  parallel_for(items, [&](int64_t it) {
     const int64_t t = it / nchunk, d0 = (it % nchunk) * kChunk;
     const int64_t n = D - d0 < kChunk ? D - d0 : kChunk;
     float* o = out + t * D + d0;
@@ -164,7 +160,7 @@ extern "C" oe_status oe_rvq_decode_cpu(const void* codes, int codes_int64, int64
                                     : static_cast<const int32_t*>(codes)[t * L + l];
       K.add_row(o, row_ptr(books, l, c) + d0 * es, dt, n);
     }
-  }
+  }, threads);
   return OE_OK;
 }
 
@@ -196,11 +192,13 @@ extern "C" oe_status oe_rvq_encode_cpu(const float* x, int64_t T, const oe_rvq_b
     std::vector<float>& nv = own_norms[static_cast<size_t>(l)];
     nv.resize(static_cast<size_t>(books->sizes[l]));
     const std::vector<float> zero(static_cast<size_t>(D), 0.0f);
-#if defined(OE_WITH_OPENMP)
-#pragma omp parallel for schedule(static)
-#endif
-    for (int64_t i = 0; i < books->sizes[l]; ++i)
-      nv[static_cast<size_t>(i)] = static_cast<float>(K.exact_dist(zero.data(), row_ptr(books, l, i), dt, D));
+    constexpr int64_t kNormRows = 64;  // rows per chunk
+    const int64_t rows = books->sizes[l];
+    parallel_for((rows + kNormRows - 1) / kNormRows, [&](int64_t ch) {
+      const int64_t i1 = std::min(rows, (ch + 1) * kNormRows);
+      for (int64_t i = ch * kNormRows; i < i1; ++i)
+        nv[static_cast<size_t>(i)] = static_cast<float>(K.exact_dist(zero.data(), row_ptr(books, l, i), dt, D));
+    });
     norms[l] = nv.data();
   }
 
@@ -226,12 +224,12 @@ extern "C" oe_status oe_rvq_encode_cpu(const float* x, int64_t T, const oe_rvq_b
   std::vector<float> cn(static_cast<size_t>(nmax));  // sqrt of the row norms of the current layer
   float* const S = sbuf.data();
   float* const R = resid.data();
-  int nthreads = 1;
-#if defined(OE_WITH_OPENMP)
-  nthreads = omp_get_max_threads();
-#endif
-  std::vector<float> pack_all(static_cast<size_t>(nthreads * kNB * kKC));
-  std::vector<float> tile_all(static_cast<size_t>(nthreads * kFrames * kNB));
+  // Per-thread packing panel and tile (whichever thread runs a block uses its own).
+  auto scratch = [&](int64_t n) {
+    thread_local std::vector<float> buf;
+    if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+    return buf.data();
+  };
 
   for (int64_t t0 = 0; t0 < T; t0 += kFrames) {
     const int nt = static_cast<int>(T - t0 < kFrames ? T - t0 : kFrames);
@@ -240,16 +238,9 @@ extern "C" oe_status oe_rvq_encode_cpu(const float* x, int64_t T, const oe_rvq_b
       const int64_t nblk = (n + kNB - 1) / kNB;
       for (int64_t i = 0; i < n; ++i) cn[static_cast<size_t>(i)] = std::sqrt(norms[l][i]);
       // Screen: s[t][i] = ||c_i||^2 - 2 r_t . c_i for every row.
-#if defined(OE_WITH_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1)
-#endif
-      for (int64_t blk = 0; blk < nblk; ++blk) {
-        int tid = 0;
-#if defined(OE_WITH_OPENMP)
-        tid = omp_get_thread_num();
-#endif
-        float* pack = pack_all.data() + static_cast<size_t>(tid) * kNB * kKC;
-        float* tile = tile_all.data() + static_cast<size_t>(tid) * kFrames * kNB;
+      parallel_for(nblk, [&](int64_t blk) {
+        float* pack = scratch(kNB * kKC + kFrames * kNB);
+        float* tile = pack + kNB * kKC;
         const int64_t i0 = blk * kNB, nr = n - i0 < kNB ? n - i0 : kNB;
         const int64_t npanel = (nr + NR - 1) / NR;
         for (int64_t k0 = 0; k0 < D; k0 += kKC) {
@@ -281,12 +272,9 @@ extern "C" oe_status oe_rvq_encode_cpu(const float* x, int64_t T, const oe_rvq_b
         }
         for (int t = 0; t < nt; ++t)
           for (int64_t i = 0; i < nr; ++i) S[t * nmax + i0 + i] = norms[l][i0 + i] - 2.0f * tile[t * kNB + i];
-      }
+      });
       // Decide each frame exactly, then subtract the chosen row.
-#if defined(OE_WITH_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1)
-#endif
-      for (int t = 0; t < nt; ++t) {
+      parallel_for(nt, [&](int64_t t) {
         float* r = R + (t0 + t) * D;
         const float* s = S + t * nmax;
         double rn = 0.0;
@@ -322,7 +310,7 @@ extern "C" oe_status oe_rvq_encode_cpu(const float* x, int64_t T, const oe_rvq_b
         } else {
           for (int64_t d = 0; d < D; ++d) r[d] = r[d] - elem(c + d * es, dt);
         }
-      }
+      });
     }
   }
   return OE_OK;

@@ -28,7 +28,7 @@ Native kernels (csrc/attention, dispatched by `omni_edge.ops._dispatch.native_en
 head dims up to 256 (64, 80 and 128 are specialised on CUDA); larger ones use the references.
 - CPU: one online-softmax tile loop over (batch, kv head, block of query rows), the query heads that share
   a kv head processed together so each key and value is read once per group; AVX-512 / AVX2 / portable
-  micro-kernels chosen at run time; OpenMP over the groups and, for decode, over splits of the keys.
+  micro-kernels chosen at run time; the CPU pool runs the groups and, for decode, splits of the keys.
 - CUDA: prefill / varlen is a tiled flash-attention-style kernel (fp32 CUDA-core math, online softmax);
   decode splits each sequence's keys across blocks and merges the partial softmax states in a second kernel.
   Checking `lengths` reads them on the host (one synchronisation); it is skipped while a CUDA graph is being

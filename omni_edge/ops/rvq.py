@@ -20,7 +20,7 @@ every op accepts either the list or a `Codebooks`.
   its rounding error, and recompute exactly every row whose screened value could still be the minimum
   (csrc/rvq/rvq.h), so near-ties are decided exactly as `encode_ref` decides them. On CPU the screen is a
   packed, register-tiled GEMM (6 frames x 2 vector registers of codebook rows, AVX2 / AVX-512 / scalar,
-  OpenMP over blocks of 128 rows), so a 30 s input (375 frames, ~75 GFLOP) runs near the matmul rate.
+  the CPU pool over blocks of 128 rows), so a 30 s input (375 frames, ~75 GFLOP) runs near the matmul rate.
 
 `decode_ref` / `encode_ref` are the same operations in plain torch; `self_check(device)` compares the native
 kernels with them.
