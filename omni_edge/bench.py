@@ -56,6 +56,13 @@ def _stats(values: List[float]) -> Dict[str, float]:
 # Bandwidth
 # ------------------------------------------------------------------------------------------------
 
+def _pool_threads() -> int:
+    """The native kernels' pool size: OMNI_EDGE_THREADS / --threads, else every CPU this process may use."""
+    from omni_edge import knobs
+
+    return knobs.settings().threads or knobs.cpu_count()
+
+
 def cpu_read_bandwidth(threads: int, *, total_bytes: int = DEFAULT_BANDWIDTH_MB << 20, streams: int = 8,
                        reps: int = 5) -> Dict[str, float]:
     """Multi-stream DRAM read: `threads` threads each own `streams` uint64 arrays (together `total_bytes`)
@@ -327,7 +334,7 @@ def run_bench(path, *, device: str = "cpu", prompt_tokens: int = DEFAULT_PROMPT_
         hardware = f"{props.name} (sm_{props.major}{props.minor})"
     else:
         peak = {"bytes": peak_rss_bytes(), "kind": "process peak RSS"}
-        n = threads or torch.get_num_threads()
+        n = threads or _pool_threads()
         del model, bb  # the bandwidth arrays need not sit on top of the weights
         bandwidth = cpu_read_bandwidth(n, total_bytes=bandwidth_mb << 20)
         hardware = _cpu_name()
@@ -335,7 +342,7 @@ def run_bench(path, *, device: str = "cpu", prompt_tokens: int = DEFAULT_PROMPT_
     cfg = load_config(path).backbone
     return {
         "model": str(path), "device": str(dev), "hardware": hardware,
-        "threads": threads or torch.get_num_threads(),
+        "threads": threads or _pool_threads(),
         "dtype": dtype_used,
         "quant": quant, "shape": {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
                                   "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
@@ -421,8 +428,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="N", help=f"prompt length for the prefill figure (default {DEFAULT_PROMPT_TOKENS})")
     p.add_argument("--decode-tokens", type=cli_args.int_range(1, 1 << 20), default=DEFAULT_DECODE_TOKENS,
                    metavar="N", help=f"tokens decoded after the prompt (default {DEFAULT_DECODE_TOKENS})")
-    p.add_argument("--threads", type=cli_args.threads, metavar="N",
-                   help="CPU threads for the kernels and the bandwidth read (default: torch's)")
+    cli_args.add_threads(p, " for the kernels and the bandwidth read")
     p.add_argument("--repeats", type=cli_args.int_range(1, 100), default=DEFAULT_REPEATS, metavar="N",
                    help=f"timed repetitions of prefill + decode after a warm-up (default {DEFAULT_REPEATS})")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
