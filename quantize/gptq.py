@@ -48,7 +48,12 @@ class QuantSpec:
     # Where a non-static group's grid comes from: "current" = its columns' values as updated so far (every
     # earlier column's error included); "block" = the values at the start of the lazy-update block (the
     # reference GPTQ code and GPTQModel: earlier columns of the same block not yet applied).
-    group_stats: str = "current"
+    group_stats: str = "block"
+    # Group-aware order (used when act_order is off): groups are processed in order of decreasing importance
+    # (largest diag H in the group), the columns of each group in order of decreasing diag H. Each group still
+    # holds the same input rows as without it (g_idx = k // group_size), so the checkpoint and the kernels
+    # are those of a plain grouped layer.
+    group_order: bool = True
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4, 8):
@@ -224,12 +229,19 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
         scales = torch.empty(groups, n, dtype=torch.float32, device=device)
         zeros = torch.empty(groups, n, dtype=torch.float32, device=device)
 
+    in_groups = spec.group_order and not spec.act_order  # processing order permutes within and among groups
     if spec.act_order:
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-        w = w[:, perm]
-        h = h[perm][:, perm]
+    elif in_groups:
+        dg = torch.diag(h).reshape(groups, gs)
+        inner = torch.argsort(dg, dim=1, descending=True, stable=True)  # (G, gs) columns by importance
+        outer = torch.argsort(dg.amax(dim=1), descending=True, stable=True)  # (G,) groups by importance
+        perm = (inner + torch.arange(groups, device=device).unsqueeze(1) * gs)[outer].reshape(-1)
     else:
         perm = torch.arange(k, device=device)
+    if spec.act_order or in_groups:
+        w = w[:, perm]
+        h = h[perm][:, perm]
 
     hinv, damp_used = _upper_cholesky_of_inverse(h, spec.damp)  # (K, K) upper triangular
     del h
@@ -255,7 +267,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
                 # A new group starts here (groups follow the processing order). Its grid comes from the
                 # current values of its columns: those inside this block are up to date in w1; those past
                 # the block still miss this block's pending update, which is applied here for the grid.
-                g = col // gs
+                g = perm_list[col] // gs if in_groups else col // gs
                 end = col + gs
                 cur = w1[:, i:min(count, i + gs)]
                 if spec.group_stats == "block":
@@ -267,7 +279,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
                     cur = torch.cat([cur, rest], dim=1)
                 scale, zero = grid_params(cur.amin(dim=1), cur.amax(dim=1), bits=spec.bits, sym=spec.sym)
                 scales[g], zeros[g] = scale, zero
-            if not static:
+            if not (static or in_groups):
                 g_idx[perm_list[col]] = col // gs
             col_w = w1[:, i]
             q, dq = _quantize(col_w, scale, zero, maxq)
@@ -278,9 +290,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
-    if static:
+    if static or in_groups:
         g_idx = torch.arange(k, dtype=torch.int32, device=device) // gs
-    if spec.act_order:
+    if spec.act_order or in_groups:
         inv = torch.argsort(perm)
         codes = codes[:, inv]
         deq = deq[:, inv]
