@@ -11,6 +11,13 @@ Cholesky factor of H^-1 (the paper's Algorithm 1):
     propagated column by column, to the rest of the matrix once per block,
   - optional act-order (desc_act): columns are processed in order of decreasing diag(H); with static groups
     the group grid is fixed from the original weight first, so g_idx stays k // group_size,
+  - without act-order, group-aware order (`QuantSpec.group_order`, on by default): the groups are processed in
+    order of decreasing largest diag(H), the columns inside each group in order of decreasing diag(H). Each
+    group keeps its input rows, so g_idx stays k // group_size and the checkpoint is a plain grouped one, but
+    the important columns are quantized while the most columns are left to absorb their error (about 20 %
+    lower layer error than the natural order on SmolLM2's real Hessians; GPTQModel's act_group_aware),
+  - a non-static group's grid is taken when its first column comes up, by default from the values at the
+    start of the lazy-update block (`group_stats="block"`, the reference code's and GPTQModel's timing),
   - group grids: per `group_size` input rows (32/64/128/...), or per output channel (group_size -1).
 
 The grid is GPTQ's min/max grid (see `grid_params`): asymmetric scale = (max - min) / maxq with an integer
