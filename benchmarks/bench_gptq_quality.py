@@ -7,7 +7,8 @@ all together) and greedy answers to a few factual prompts, side by side, for:
   RTN            `omni-edge quantize --method rtn`
   GPTQ           `omni-edge quantize` (this project's GPTQ)
   GPTQModel      GPTQModel 7.6.0's GPTQ with the same settings (bits, group, sym, act-order/static groups,
-                 dampening, true-sequential, no MSE grid search, no act_group_aware) and the same calibration
+                 dampening, true-sequential, no MSE grid search, and without act-order the same column order:
+                 act_group_aware as our group_order, on unless --no-group-order) and the same calibration
                  token ids, run by --gptq-python (GPTQModel pins an older numpy: give it a venv made with
                  --system-site-packages, as .ci/run does)
 
@@ -16,15 +17,19 @@ Each quantizer runs in a process of its own, so its wall time and peak RSS are i
 Every model is evaluated by the same code: omni_edge.pipeline.load (our runtime, q4 kernels) + the same
 perplexity routine, so the columns differ only in the weights. The q4 matmuls run on the EXACT path (fp32
 activations, exactly dequantized weights) so that the numbers measure the weights alone; --q4-int8 uses the
-runtime's default CPU path instead (int8-quantized activations, which adds its own small error). SmolLM2's hidden size 576 is not a multiple of
-128: use --group-size 64 or 32.
+runtime's default CPU path instead (int8-quantized activations, which adds its own small error).
+
+SmolLM2's decoder input sizes are K = 576 and 1536: groups of 32, 64 and 192 divide both, 128 does not (576 =
+4.5 x 128). A group size that does not divide every K runs, on both sides, at the one `omni-edge quantize`
+falls back to (the largest of 128/64/32 below it that divides every K) and the table says so.
 
 Note: the package ships SmolLM2 as a Q4_1 GGUF (blocks of 32 along K, scale + min); the fp32 checkpoint holds
 those dequantized values. The weights therefore already sit on a 4-bit grid of 32-wide groups, which makes
 RTN with --group-size 32 --asym unusually good on this model; group 64 or sym grids do not line up with it.
 
-    python benchmarks/bench_gptq_quality.py --group-size 64
-    python benchmarks/bench_gptq_quality.py --group-size 64 --act-order --asym
+    python benchmarks/bench_gptq_quality.py --config g32-sym --config g64-asym-act
+    python benchmarks/bench_gptq_quality.py --config g32-sym --no-group-order   # natural order both sides
+    (quick, on a loaded machine: --nsamples 16 --heldout-tokens 192 --new-tokens 0 --skip-rtn --skip-fp32)
 """
 
 from __future__ import annotations
@@ -200,7 +205,9 @@ def main(argv=None) -> int:
     ks = decoder_in_features(load_config(src).backbone)
     print(f"SmolLM2-135M-Instruct ({src}); 4-bit, damp {args.damp}; configurations: "
           f"{', '.join(c['name'] for c in configs)}; calibration: built-in set, {args.nsamples or 'all'} samples max, "
-          f"seqlen {args.seqlen}, seed {args.seed}; torch threads {torch.get_num_threads()}; CPU; "
+          f"seqlen {args.seqlen}, seed {args.seed}; column order without act-order: "
+          f"{'group-aware (ours group_order, GPTQModel act_group_aware)' if args.group_order else 'natural'} on both "
+          f"sides; torch threads {torch.get_num_threads()}; CPU; "
           f"q4 path {'INT8 activations' if args.q4_int8 else 'EXACT'}; decoder input sizes K {sorted(set(ks))}")
 
     fp32 = None if args.skip_fp32 else evaluate(src, heldout, args.heldout_tokens, args.new_tokens)
