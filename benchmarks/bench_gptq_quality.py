@@ -168,6 +168,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=24, help="greedy tokens per factual answer (0: no answers)")
     p.add_argument("--skip-gptqmodel", action="store_true")
     p.add_argument("--skip-rtn", action="store_true")
+    p.add_argument("--skip-gptq", action="store_true", help="no column for our GPTQ (e.g. to run the quantizers "
+                   "as parallel invocations on a loaded machine)")
     p.add_argument("--skip-fp32", action="store_true", help="no fp32 row (its perplexity is the same in every run)")
     p.add_argument("--no-group-order", dest="group_order", action="store_false",
                    help="without act-order: natural column order on both sides (ours group_order=False, "
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
         if note:
             print(note)
         rows, timings, manifests = ({} if fp32 is None else {"fp32": fp32}), {}, {}
-        for method in (("gptq",) if args.skip_rtn else ("rtn", "gptq")):
+        for method in [m for m, skip in (("rtn", args.skip_rtn), ("gptq", args.skip_gptq)) if not skip]:
             out = os.path.join(work, f"{cfg['name']}-{method}")
             shutil.rmtree(out, ignore_errors=True)
             opts = dict(method=method, group_size=gs, sym=cfg["sym"], act_order=cfg["act_order"],
@@ -238,7 +240,8 @@ def main(argv=None) -> int:
             with open(os.path.join(out, "omni_edge.json")) as f:
                 manifests[method] = json.load(f)
             rows["RTN" if method == "rtn" else "GPTQ"] = evaluate(out, heldout, args.heldout_tokens, args.new_tokens)
-        assert manifests["gptq"]["quantization"]["calibration"]["tokens"] == calib.tokens  # the same token ids
+        for m in manifests:
+            assert manifests[m]["quantization"]["calibration"]["tokens"] == calib.tokens  # the same token ids
         if not args.skip_gptqmodel:
             out = os.path.join(work, f"{cfg['name']}-gptqmodel")
             shutil.rmtree(out, ignore_errors=True)
@@ -255,22 +258,22 @@ def main(argv=None) -> int:
                         "mean_layer_error": {m: manifests[m]["report"]["mean_output_error"] for m in manifests}})
         print_config(results[-1], heldout, args)
 
-    cal = manifests["gptq"]["quantization"]["calibration"]
-    tokens = results[-1]["rows"]["GPTQ"]["tokens"]
-    print(f"\nsummary (held-out perplexity, all {tokens} tokens; calibration {cal['nsamples']} samples, "
-          f"{cal['tokens']} tokens; time and peak RSS of each quantizer in its own process)")
+    tokens = next(iter(results[-1]["rows"].values()))["tokens"]
+    print(f"\nsummary (held-out perplexity, all {tokens} tokens; calibration {len(calib.samples)} samples, "
+          f"{calib.tokens} tokens; time and peak RSS of each quantizer in its own process)")
     print(f"{'config':<22}{'fp32':>8}{'RTN':>8}{'GPTQ':>8}{'GPTQModel':>10}{'GPTQ/GM':>9}"
           f"{'ours s':>8}{'GM s':>7}{'ours MB':>9}{'GM MB':>7}")
     for r in results:
         rows, t = r["rows"], r["timings"]
         gm = rows.get("GPTQModel", {}).get("ppl_all")
+        ours = rows.get("GPTQ", {}).get("ppl_all")
         name = r["config"]["name"] + (f" (g{r['group_size']})" if r["note"] else "")
         print(f"{name:<22}"
               f"{cell(rows.get('fp32', {}).get('ppl_all'), 8, '.3f')}{cell(rows.get('RTN', {}).get('ppl_all'), 8, '.3f')}"
-              f"{rows['GPTQ']['ppl_all']:8.3f}{cell(gm, 10, '.3f')}"
-              f"{cell(rows['GPTQ']['ppl_all'] / gm if gm else None, 9, '.4f')}"
-              f"{t['gptq']['seconds']:8.0f}{cell(t.get('gptqmodel', {}).get('seconds'), 7, '.0f')}"
-              f"{t['gptq']['peak_rss_mb']:9.0f}{cell(t.get('gptqmodel', {}).get('peak_rss_mb'), 7, '.0f')}")
+              f"{cell(ours, 8, '.3f')}{cell(gm, 10, '.3f')}{cell(ours / gm if ours and gm else None, 9, '.4f')}"
+              f"{cell(t.get('gptq', {}).get('seconds'), 8, '.0f')}{cell(t.get('gptqmodel', {}).get('seconds'), 7, '.0f')}"
+              f"{cell(t.get('gptq', {}).get('peak_rss_mb'), 9, '.0f')}"
+              f"{cell(t.get('gptqmodel', {}).get('peak_rss_mb'), 7, '.0f')}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1, ensure_ascii=False)
@@ -287,7 +290,7 @@ def print_config(r, heldout, args):
     rows, timings = r["rows"], r["timings"]
     names = list(rows)
     print(f"\n== {r['config']['name']} (group {r['group_size']}) ==")
-    print(f"held-out: {rows['GPTQ']['tokens']} tokens ({len(heldout)} texts, at most {args.heldout_tokens} tokens each)")
+    print(f"held-out: {next(iter(rows.values()))['tokens']} tokens ({len(heldout)} texts, at most {args.heldout_tokens} tokens each)")
     print(f"{'perplexity':<16}" + "".join(f"{n:>12}" for n in names))
     for key, label in (("ppl_en", "held-out en"), ("ppl_zh", "held-out zh"), ("ppl_all", "held-out all")):
         print(f"{label:<16}" + "".join(f"{rows[n][key]:12.3f}" for n in names))

@@ -212,18 +212,19 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
     N and quantized in one call with the same result as separately. Runs on the device of `hessian`."""
     device = hessian.device
     w = weight.detach().to(device=device, dtype=torch.float32).clone()  # (N, K), updated in place
-    h = hessian.detach().to(dtype=torch.float32).clone()
     n, k = w.shape
-    if h.shape != (k, k):
-        raise ValueError(f"hessian: expected shape ({k}, {k}) for weight {tuple(weight.shape)}, got {tuple(h.shape)}")
+    if hessian.shape != (k, k):
+        raise ValueError(f"hessian: expected shape ({k}, {k}) for weight {tuple(weight.shape)}, "
+                         f"got {tuple(hessian.shape)}")
     gs = spec.effective_group_size(k)
     groups = k // gs
     maxq = spec.maxq
 
-    # Dead inputs: never nonzero in calibration, so their weights cannot matter there; quantize them to 0.
-    dead = torch.diag(h) == 0
-    didx = torch.nonzero(dead).flatten()
-    h[didx, didx] = 1.0
+    # Dead inputs: never nonzero in calibration, so their weights cannot matter there; quantize them to 0
+    # (and give them H[k, k] = 1 below, which also places them for the column order).
+    diag = torch.diagonal(hessian.detach()).to(torch.float32)  # (K,)
+    dead = diag == 0
+    diag = diag.masked_fill(dead, 1.0)
     w[:, dead] = 0.0
 
     static = spec.uses_static_groups
@@ -238,9 +239,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
 
     in_groups = spec.group_order and not spec.act_order  # processing order permutes within and among groups
     if spec.act_order:
-        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+        perm = torch.argsort(diag, descending=True, stable=True)
     elif in_groups:
-        dg = torch.diag(h).reshape(groups, gs)
+        dg = diag.reshape(groups, gs)
         inner = torch.argsort(dg, dim=1, descending=True, stable=True)  # (G, gs) columns by importance
         outer = torch.argsort(dg.amax(dim=1), descending=True, stable=True)  # (G,) groups by importance
         perm = (inner + torch.arange(groups, device=device).unsqueeze(1) * gs)[outer].reshape(-1)
@@ -248,7 +249,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
         perm = torch.arange(k, device=device)
     if spec.act_order or in_groups:
         w = w[:, perm]
-        h = h[perm][:, perm]
+        # one gather straight into the permuted copy: no K x K intermediate
+        h = hessian.detach()[perm.unsqueeze(1), perm.unsqueeze(0)].to(torch.float32)
+        dead = dead[perm]
+    else:
+        h = hessian.detach().to(dtype=torch.float32).clone()
+    didx = torch.nonzero(dead).flatten()
+    h[didx, didx] = 1.0
 
     hinv, damp_used = _upper_cholesky_of_inverse(h, spec.damp)  # (K, K) upper triangular
     del h
