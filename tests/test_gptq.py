@@ -368,3 +368,28 @@ def test_group_stats_block_and_current(act_order):
     assert max(rel_err(x, w, c.weight), rel_err(x, w, d.weight)) < 0.75 * e_rtn
     with pytest.raises(ValueError, match="group_stats"):
         QuantSpec(group_stats="fresh")
+
+
+def test_quantize_default_is_group_aware_with_plain_groups(tmp_path):
+    """`omni-edge quantize` without act-order uses the group-aware column order, says so in the manifest, and
+    still writes plain grouped tensors: g_idx = k // group size, desc_act off."""
+    import glob
+    import json
+
+    from safetensors.torch import load_file
+
+    from omni_edge.quantize.build import QuantizeOptions, quantize_checkpoint
+    from tiny_hf import write_tiny_qwen2
+
+    src = write_tiny_qwen2(tmp_path / "src", seed=3)
+    m = quantize_checkpoint(src, tmp_path / "b", QuantizeOptions(group_size=32, nsamples=4, seqlen=32, heldout=False,
+                                                                 progress=False), log=lambda s: None)
+    q = m["quantization"]
+    assert q["group_order"] is True and q["desc_act"] is False and q["group_stats"] == "block"
+    assert json.load(open(tmp_path / "b" / "config.json"))["quantization_config"]["desc_act"] is False
+    g_idx = {}
+    for f in glob.glob(str(tmp_path / "b" / "**" / "*.safetensors"), recursive=True):
+        g_idx.update({k: v for k, v in load_file(f).items() if k.endswith(".g_idx")})
+    assert g_idx
+    for name, t in g_idx.items():
+        assert torch.equal(t, torch.arange(t.numel(), dtype=torch.int32) // 32), name
