@@ -7,9 +7,12 @@ objective, the relative output error tr(dW H dW^T) / tr(W H W^T), averaged over 
 better), with RTN on the same grid beside it. A variant that lowers it everywhere is a candidate for the
 default; held-out perplexity (benchmarks/bench_gptq_quality.py) then has the last word.
 
-Variants: group statistics "current" (grid from the columns' values with every earlier column's error applied)
-vs "block" (the reference code's and GPTQModel's: values at the start of the 128-column lazy block); lazy
-block size; dampening.
+Variants: the column order -- natural, group-aware (QuantSpec.group_order, the default without act-order:
+groups by decreasing largest diag H, columns inside a group by decreasing diag H, the same groups and g_idx),
+act-order (desc_act with static groups) -- crossed with the group statistics "block" (the default: the grid
+from the values at the start of the 128-column lazy block, as the reference GPTQ code and GPTQModel) and
+"current" (every earlier column's error applied); then larger dampening and a smaller lazy block. Every
+output row counts in the error.
 
     python benchmarks/bench_gptq_variants.py [--layers 0,10,20,29] [--nsamples 16] [--threads 1]
 """
@@ -17,9 +20,15 @@ block size; dampening.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+_TESTS = Path(__file__).resolve().parents[1] / "tests"  # the SmolLM2 converter lives with the tests
+if str(_TESTS) not in sys.path:
+    sys.path.insert(0, str(_TESTS))
 
 
 def capture(args):
@@ -27,7 +36,7 @@ def capture(args):
     from omni_edge.checkpoint import Checkpoint
     from omni_edge.quantize.calibration import build_calibration
     from omni_edge.quantize.sequential import _capture_hessian
-    from omni_edge.testing import smollm2_checkpoint
+    from smollm2_weights import smollm2_checkpoint
     from omni_edge.tokenizer import Tokenizer, prompt_format
 
     src = smollm2_checkpoint()
@@ -67,24 +76,22 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct, layers {args.layers}: {len(cases)} linear groups, Hessians from {tokens} "
           f"calibration tokens ({time.time() - t0:.0f} s); torch threads {args.threads}")
     grids = [(32, True), (32, False), (64, True), (64, False)]
-    variants = [("current", 128, 0.01), ("block", 128, 0.01), ("current", 32, 0.01), ("current", 128, 0.05),
-                ("block", 128, 0.05)]
-    print(f"\nmean relative output error x 1e3 (lower is better); act-order off / on")
-    head = f"{'grid':10s} {'RTN':>7s}" + "".join(f" {f'{gs_}/b{bs}/d{d}':>22s}" for gs_, bs, d in variants)
-    print(head)
+    orders = {"natural": dict(group_order=False), "group": dict(group_order=True),
+              "act": dict(act_order=True, static_groups=True)}
+    variants = [(o, st, 128, 0.01) for o in orders for st in ("block", "current") if o != "act" or st == "block"]
+    variants += [("group", "block", 32, 0.01), ("group", "block", 128, 0.05)]
+    print("\nmean relative output error x 1e3 over the linear groups (lower is better); order/stats/block/damp")
+    print(f"{'grid':10s} {'RTN':>7s}" + "".join(f" {f'{o}/{st}/b{bs}/d{d}':>24s}" for o, st, bs, d in variants))
     for gs, sym in grids:
-        rtn = sum(output_error(w, rtn_quantize(w, QuantSpec(group_size=gs, sym=sym)).weight, h)
+        rtn = sum(output_error(w, rtn_quantize(w, QuantSpec(group_size=gs, sym=sym)).weight, h, max_rows=1 << 30)
                   for _, w, h in cases) / len(cases)
         cells = []
-        for stats, bs, damp in variants:
-            errs = []
-            for act_order in (False, True):
-                spec = QuantSpec(group_size=gs, sym=sym, act_order=act_order, static_groups=False if act_order else None,
-                                 block_size=bs, damp=damp, group_stats=stats)
-                errs.append(sum(output_error(w, gptq_quantize(w, h, spec).weight, h) for _, w, h in cases) / len(cases))
-            cells.append(f"{1e3 * errs[0]:10.3f} /{1e3 * errs[1]:9.3f}")
-        print(f"{('sym' if sym else 'asym') + ' g' + str(gs):10s} {1e3 * rtn:7.3f}" + "".join(f" {c:>22s}" for c in cells),
-              flush=True)
+        for order, stats, bs, damp in variants:
+            spec = QuantSpec(group_size=gs, sym=sym, block_size=bs, damp=damp, group_stats=stats, **orders[order])
+            err = sum(output_error(w, gptq_quantize(w, h, spec).weight, h, max_rows=1 << 30)
+                      for _, w, h in cases) / len(cases)
+            cells.append(f"{1e3 * err:24.3f}")
+        print(f"{('sym' if sym else 'asym') + ' g' + str(gs):10s} {1e3 * rtn:7.3f}" + "".join(cells), flush=True)
     print(f"\ntotal {time.time() - t0:.0f} s")
 
 

@@ -50,6 +50,19 @@ def test_other_bit_widths(bits):
     assert rel_err(x, w, res.weight) < 0.75 * rel_err(x, w, rtn_quantize(w, spec).weight)
 
 
+def reference_order(diag, gs, spec: QuantSpec):
+    """Column processing order, in plain Python: act-order = all columns by decreasing diag H; group-aware =
+    groups by decreasing largest diag H, each group's columns by decreasing diag H; else natural."""
+    d = diag.tolist()
+    k = len(d)
+    if spec.act_order:
+        return sorted(range(k), key=lambda c: -d[c])
+    if spec.group_order:
+        groups = sorted((list(range(g, g + gs)) for g in range(0, k, gs)), key=lambda cols: -max(d[c] for c in cols))
+        return [c for cols in groups for c in sorted(cols, key=lambda c: -d[c])]
+    return list(range(k))
+
+
 def obs_reference(w, h, spec: QuantSpec):
     """Independent reference in float64: Optimal Brain Surgeon steps with an explicit inverse Hessian that is
     updated by eliminating each quantized column (the paper's eq. 3 with the inverse update of eq. 4), one
@@ -61,7 +74,7 @@ def obs_reference(w, h, spec: QuantSpec):
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    order = torch.argsort(torch.diag(h), descending=True, stable=True) if spec.act_order else torch.arange(k)
+    order = torch.tensor(reference_order(torch.diag(h), gs, spec))
     w, h = w[:, order], h[order][:, order]
     h += spec.damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
     hinv = torch.linalg.inv(h)
@@ -80,13 +93,15 @@ def obs_reference(w, h, spec: QuantSpec):
     return q[:, torch.argsort(order)].float()
 
 
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("order", ["natural", "group", "act"])
 @pytest.mark.parametrize("group_size", [32, 96])
-def test_matches_obs_reference(act_order, group_size):
-    """The blocked Cholesky algorithm equals column-by-column OBS with explicit inverses. group 96 with
-    blocks of 64 puts group starts inside blocks and groups across block ends."""
+def test_matches_obs_reference(order, group_size):
+    """The blocked Cholesky algorithm equals column-by-column OBS with explicit inverses, in each column order.
+    group 96 with blocks of 64 puts group starts inside blocks and groups across block ends. The reference
+    takes each grid from the group's current values, which is group_stats='current'."""
     x, w, h = layer_case(n=24, k=192, t=768, seed=3)
-    spec = QuantSpec(group_size=group_size, sym=False, act_order=act_order, static_groups=False, block_size=64)
+    spec = QuantSpec(group_size=group_size, sym=False, act_order=order == "act", static_groups=False, block_size=64,
+                     group_order=order == "group", group_stats="current")
     ours = gptq_quantize(w, h, spec).weight
     ref = obs_reference(w, h, spec)
     # fp32 vs fp64 arithmetic may flip a rounding decision now and then; everything else must agree.
@@ -95,10 +110,31 @@ def test_matches_obs_reference(act_order, group_size):
     assert abs(rel_err(x, w, ours) / rel_err(x, w, ref) - 1) < 0.02
 
 
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_group_aware_order_lowers_the_error_and_keeps_the_groups(sym, group_size):
+    """Group-aware order (the default without act-order) quantizes the important columns first: a lower
+    layer error than the natural order on inputs of uneven scale, with the same groups (g_idx = k // group
+    size), so the checkpoint reads as a plain grouped one. Measured on this case: 0.73-0.78x the natural
+    order's error (0.83-0.91x with seed 8; 0.80x on SmolLM2's real Hessians at group 32 sym); bound 0.85."""
+    x, w, h = layer_case(n=64, k=256, t=1024, seed=7)
+    natural = gptq_quantize(w, h, QuantSpec(group_size=group_size, sym=sym, group_order=False))
+    grouped = gptq_quantize(w, h, QuantSpec(group_size=group_size, sym=sym))
+    assert QuantSpec().group_order
+    assert torch.equal(grouped.g_idx, torch.arange(256, dtype=torch.int32) // group_size)
+    assert rel_err(x, w, grouped.weight) < 0.85 * rel_err(x, w, natural.weight)
+    # the stored tensors decode to the weight GPTQ worked with: scales/zeros sit at the right group
+    s = grouped.scales.float()[grouped.g_idx.long()]  # (K, N)
+    z = grouped.zeros.float()[grouped.g_idx.long()]
+    assert torch.allclose((s * (grouped.q.float() - z)).t(), grouped.weight, atol=1e-6)
+
+
 def test_block_size_does_not_change_the_result():
+    """With grids from the current values the lazy block size is only a schedule. (The default 'block' grid
+    timing depends on it by definition: see test_group_stats_block_and_current.)"""
     x, w, h = layer_case(n=16, k=256, t=512, seed=5)
-    a = gptq_quantize(w, h, QuantSpec(group_size=64, block_size=128)).weight
-    b = gptq_quantize(w, h, QuantSpec(group_size=64, block_size=32)).weight
+    a = gptq_quantize(w, h, QuantSpec(group_size=64, block_size=128, group_stats="current")).weight
+    b = gptq_quantize(w, h, QuantSpec(group_size=64, block_size=32, group_stats="current")).weight
     assert ((a - b).abs() > 1e-4).float().mean() < 0.005
 
 
@@ -332,3 +368,28 @@ def test_group_stats_block_and_current(act_order):
     assert max(rel_err(x, w, c.weight), rel_err(x, w, d.weight)) < 0.75 * e_rtn
     with pytest.raises(ValueError, match="group_stats"):
         QuantSpec(group_stats="fresh")
+
+
+def test_quantize_default_is_group_aware_with_plain_groups(tmp_path):
+    """`omni-edge quantize` without act-order uses the group-aware column order, says so in the manifest, and
+    still writes plain grouped tensors: g_idx = k // group size, desc_act off."""
+    import glob
+    import json
+
+    from safetensors.torch import load_file
+
+    from omni_edge.quantize.build import QuantizeOptions, quantize_checkpoint
+    from tiny_hf import write_tiny_qwen2
+
+    src = write_tiny_qwen2(tmp_path / "src", seed=3)
+    m = quantize_checkpoint(src, tmp_path / "b", QuantizeOptions(group_size=32, nsamples=4, seqlen=32, heldout=False,
+                                                                 progress=False), log=lambda s: None)
+    q = m["quantization"]
+    assert q["group_order"] is True and q["desc_act"] is False and q["group_stats"] == "block"
+    assert json.load(open(tmp_path / "b" / "config.json"))["quantization_config"]["desc_act"] is False
+    g_idx = {}
+    for f in glob.glob(str(tmp_path / "b" / "**" / "*.safetensors"), recursive=True):
+        g_idx.update({k: v for k, v in load_file(f).items() if k.endswith(".g_idx")})
+    assert g_idx
+    for name, t in g_idx.items():
+        assert torch.equal(t, torch.arange(t.numel(), dtype=torch.int32) // 32), name

@@ -125,3 +125,39 @@ def test_gptqmodel_checkpoints_load_in_runtime(src, tmp_path, fmt, sym, desc_act
     loaded = GPTQModel.load(str(out), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
     check_weights(out, loaded.model)
     check_logits(out, their_logits(loaded.model), torch.float16)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("order", ["natural", "group", "act"])
+def test_layer_error_at_most_gptqmodels(sym, order):
+    """Our GPTQ against GPTQModel's on the same layer and the same calibration inputs, in each column order
+    (natural; group-aware = GPTQModel's act_group_aware, our default without act-order; act-order with static
+    groups): GPTQ's own objective, the relative output error on those inputs. The two differ only in that we
+    round each scale to fp16 before choosing codes (what the checkpoint stores), which flips ~5 % of the codes
+    with no direction: measured 0.997-1.009x GPTQModel's error over these six cases; bound 1.03x."""
+    from gptqmodel.quantization.gptq import GPTQ
+
+    from omni_edge.quantize.gptq import HessianAccumulator, QuantSpec, gptq_quantize, output_error
+
+    g = torch.Generator().manual_seed(7)
+    k, n, t = 256, 64, 1024
+    mix = torch.randn(k, k, generator=g) / k ** 0.5
+    x = (torch.randn(t, k, generator=g) @ mix + 0.1 * torch.randn(t, k, generator=g)) * torch.exp(torch.randn(k, generator=g))
+    w = torch.randn(n, k, generator=g)
+    acc = HessianAccumulator(k)
+    acc.add(x)
+    h = acc.hessian()
+
+    lin = torch.nn.Linear(k, n, bias=False)
+    lin.weight.data = w.clone()
+    qc = QuantizeConfig(bits=4, group_size=32, sym=sym, desc_act=order == "act", static_groups=order == "act",
+                        act_group_aware=order == "group", damp_percent=0.01, mse=0.0)
+    task = GPTQ(module=lin, qcfg=qc)
+    task.quantizer.configure(perchannel=True)
+    task.add_batch(x.unsqueeze(0), None)
+    theirs = task.quantize()[0].float()
+    ours = gptq_quantize(w, h, QuantSpec(group_size=32, sym=sym, act_order=order == "act",
+                                         group_order=order == "group")).weight
+    e_ours = output_error(w, ours, h, max_rows=1 << 30)
+    e_theirs = output_error(w, theirs, h, max_rows=1 << 30)
+    assert e_ours <= 1.03 * e_theirs, (e_ours, e_theirs)
