@@ -542,6 +542,9 @@ class Backbone:
         if fmt == "q8":
             head = Linear(q8=gemv.quantize_q8(w, q8_block, bias=bias))
         elif fmt == "q4":
+            if w.shape[0] % 8:
+                raise ValueError(f"lm_head format q4: the 4-bit layout needs a vocabulary that is a multiple of 8 "
+                                 f"rows, got {w.shape[0]}; use q8")
             g = rtn_group_size(w.shape[1], q4_group)
             head = Linear(qweight=q4.qweight_rtn(w, g, sym=q4_sym, bias=None if bias is None else bias.float()))
         else:

@@ -542,6 +542,7 @@ class ChatSession:
                 on_hidden(hidden[0])
             prefill_s = time.perf_counter() - t0
             t_decode = time.perf_counter()
+            decode_logits = getattr(self.backbone, "decode_logits", None)
             while True:
                 if tid in stop_ids:
                     finish = "stop"
@@ -556,9 +557,12 @@ class ChatSession:
                 ts = time.perf_counter()
                 sampler.observe(token)
                 self._input.copy_(token.view(1, 1))
-                hidden = self.backbone.forward(self._input, start=len(self.cached))
+                if decode_logits is not None:  # one native step: layers + lm_head (Backbone.decode_logits)
+                    hidden, logits = decode_logits(self._input, len(self.cached))
+                else:
+                    hidden = self.backbone.forward(self._input, start=len(self.cached))
+                    logits = self.backbone.logits(hidden[:, -1])[0]
                 self.cached.append(tid)
-                logits = self.backbone.logits(hidden[:, -1])[0]
                 token = sampler.sample(logits)
                 tid = int(token)
                 if not math.isfinite(float(logits[tid])):  # NaN/Inf weights poison every logit, the chosen too

@@ -62,7 +62,7 @@ inline void row_group(const typename L::T* W, const uint16_t* scales, int64_t G,
       for (int r = 0; r < R; ++r) bt[r] += L::get(W + (n + r) * K + k) * x[k];
     if (scales) {
       for (int r = 0; r < R; ++r) {
-        const float s = f16_to_f32(scales[(n + r) * G + g]);
+        const float s = _cvtsh_ss(scales[(n + r) * G + g]);  // F16C
         acc[r] = _mm512_fmadd_ps(blk[r], _mm512_set1_ps(s), acc[r]);
         tail[r] += bt[r] * s;
       }
