@@ -180,6 +180,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--skip-7b", action="store_true", help="GEMV at SmolLM2's shape only")
     p.add_argument("--skip-lane", action="store_true", help="no SmolLM2 decode / quality lane")
+    p.add_argument("--skip-gemv", action="store_true", help="no GEMV table")
     p.add_argument("--quant", default="rtn4", choices=("none", "rtn4"), help="SmolLM2 decoder linears (rtn4)")
     p.add_argument("--reps", type=int, default=15, help="GEMV repetitions (median)")
     p.add_argument("--new-tokens", type=int, default=24, help="greedy tokens per factual prompt")
@@ -197,7 +198,9 @@ def main(argv=None) -> int:
     if not args.skip_7b:
         shapes.insert(0, ("Qwen2.5-7B 152064x3584", 152064, 3584))
     torch.set_num_threads(_threads())
-    bench_gemv(shapes, args.reps)
+    print(f"load average before: {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "")
+    if not args.skip_gemv:
+        bench_gemv(shapes, args.reps)
     if args.skip_lane:
         return 0
     from smollm2_weights import smollm2_checkpoint, smollm2_gguf

@@ -356,13 +356,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("W"), py::arg("wdtype"), py::arg("x"), py::arg("bias"), py::arg("N"), py::arg("K"), py::arg("y"),
         release_gil(), "y (N) fp32 = W (N, K) in wdtype (0 f32, 1 f16, 2 bf16) . x (K) fp32 + bias (0 = none)");
   m.def("gemv_q8_cpu",
-        [](uintptr_t q, uintptr_t scales, int64_t block, uintptr_t x, uintptr_t bias, int64_t N, int64_t K, uintptr_t y) {
+        [](uintptr_t q, uintptr_t scales, int64_t block, uintptr_t x, uintptr_t bias, int64_t N, int64_t K, uintptr_t y,
+           int mode) {
           check(oe_gemv_q8_cpu(ptr<const int8_t>(q), ptr<const uint16_t>(scales), block, ptr<const float>(x),
-                               ptr<const float>(bias), N, K, ptr<float>(y)));
+                               ptr<const float>(bias), N, K, ptr<float>(y), mode));
         },
         py::arg("q"), py::arg("scales"), py::arg("block"), py::arg("x"), py::arg("bias"), py::arg("N"), py::arg("K"),
-        py::arg("y"), release_gil(),
-        "y (N) fp32 = (scales (N, ceil(K/block)) fp16 per block * q (N, K) int8) . x (K) fp32 + bias (0 = none)");
+        py::arg("y"), py::arg("mode") = 0, release_gil(),
+        "y (N) fp32 = (scales (N, ceil(K/block)) fp16 per block * q (N, K) int8) . x (K) fp32 + bias (0 = none); "
+        "mode 1: x quantized to int8 per 32 inputs first (as the q4 INT8 mode)");
   struct DecodePlan {
     oe_decode_plan* plan = nullptr;
     py::object keepalive;

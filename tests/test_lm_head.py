@@ -29,7 +29,7 @@ if not _native.available():
 
 pytestmark = pytest.mark.usefixtures("native_decode")
 
-SHAPES = [(1, 1), (3, 5), (7, 17), (9, 31), (33, 100), (129, 577), (211, 48), (100, 1536)]
+SHAPES = [(1, 1), (3, 5), (7, 17), (9, 31), (33, 100), (129, 577), (211, 48), (100, 1536), (37, 96)]
 CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -92,9 +92,19 @@ def test_gemv_q8_every_isa(isa_levels, threads):
                     ok, e = _bound_ok(y, wd @ x.double() + b, wd.abs() @ x.double().abs() + abs(b))
                     assert ok, (isa, n, k, block, e)
                     # the op (native, row by row) and its torch reference
-                    y_op, y_ref = gemv.q8_matmul(x[None], w)[0], gemv.q8_matmul_ref(x[None], w)[0]
+                    y_op = gemv.q8_matmul(x[None], w, exact=True)[0]
+                    y_ref = gemv.q8_matmul_ref(x[None], w)[0]
                     ok, e = _bound_ok(y_op, y_ref.double(), 2 * (wd.abs() @ x.double().abs() + abs(b)))
                     assert ok, (isa, n, k, block, "op vs ref", e)
+                    if k % 32 == 0 and (block == -1 or block % 32 == 0):
+                        # int8 activations: the exact product with the quantized x (d * xi, as the q4 INT8 mode)
+                        xh = gemv.quantize_activations_ref(x).double()
+                        y8 = torch.full((n,), float("nan"))
+                        lib.gemv_q8_cpu(w.codes.data_ptr(), w.scales.data_ptr(), w.block, x.data_ptr(),
+                                        0 if w.bias is None else w.bias.data_ptr(), n, k, y8.data_ptr(), 1)
+                        ok, e = _bound_ok(y8, wd @ xh + b, 2 * (wd.abs() @ xh.abs() + abs(b)))
+                        assert ok, (isa, n, k, block, "int8 activations", e)
+                        assert not torch.equal(y8, y), "the int8 path must have run"
     finally:
         lib.set_num_threads(prev)
 
@@ -122,6 +132,8 @@ def test_gemv_errors():
         lib.gemv_cpu(w.data_ptr(), 7, x.data_ptr(), 0, 3, 4, y.data_ptr())
     with pytest.raises(ValueError, match="block must be >= 1"):
         lib.gemv_q8_cpu(w.data_ptr(), w.data_ptr(), 0, x.data_ptr(), 0, 3, 4, y.data_ptr())
+    with pytest.raises(ValueError, match="activation mode must be 0"):
+        lib.gemv_q8_cpu(w.data_ptr(), w.data_ptr(), 4, x.data_ptr(), 0, 3, 4, y.data_ptr(), 2)
     with pytest.raises(ValueError, match=r"x: expected shape \(\.\.\., 4\)"):
         gemv.matmul(torch.zeros(5), w)
     with pytest.raises(ValueError, match="block: expected"):

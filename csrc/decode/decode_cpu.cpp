@@ -157,7 +157,8 @@ inline void rope(float* v, int64_t heads, int64_t D, const float* c, const float
 inline oe_status linear_run(const oe_decode_linear& l, const float* x, float* y, int mode, oe_decode_plan* p) {
   if (l.kind == OE_DECODE_Q4) return oe_q4_matmul_cpu(&l.q4, x, OE_F32, 1, y, mode, p->q4_ws.data(), p->q4_ws.size());
   if (l.kind == OE_DECODE_Q8)
-    return oe_gemv_q8_cpu(static_cast<const int8_t*>(l.weight), l.q8_scales, l.q8_block, x, l.bias, l.N, l.K, y);
+    return oe_gemv_q8_cpu(static_cast<const int8_t*>(l.weight), l.q8_scales, l.q8_block, x, l.bias, l.N, l.K, y,
+                          mode);
   if (l.wdtype != OE_F32) return oe_gemv_cpu(l.weight, l.wdtype, x, l.bias, l.N, l.K, y);
   gemv(static_cast<const float*>(l.weight), x, l.bias, l.N, l.K, y);
   return OE_OK;

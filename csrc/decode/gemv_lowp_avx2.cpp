@@ -88,7 +88,45 @@ void rows(const void* Wv, const uint16_t* scales, int64_t G, int64_t B, const fl
   for (; n < n1; ++n) row_group<L, 1>(W, scales, G, B, x, K, n, y);
 }
 
+// q8 weights x int8 activations (ggml's Q8_0 x Q8_0 on AVX2): per 32 inputs |q| * (xi * sign q) in
+// vpmaddubsw (|products| <= 2 * 127 * 127 < 2^15), pairs summed to int32 by vpmaddwd, converted and scaled by the
+// activation block's d; at the end of a weight block by its scale.
+template <int R>
+inline void q8i8_group(const int8_t* W, const uint16_t* scales, int64_t G, int64_t B, const int8_t* xq,
+                       const float* xd, int64_t K, int64_t n, float* y) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (int64_t k0 = 0; k0 < K; k0 += B, ++g) {
+    __m256 blk[R];
+    for (int r = 0; r < R; ++r) blk[r] = _mm256_setzero_ps();
+    for (int64_t j = k0; j < k0 + B; j += 32) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j));
+      const __m256 dv = _mm256_set1_ps(xd[j / 32]);
+      for (int r = 0; r < R; ++r) {
+        const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + (n + r) * K + j));
+        const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(qv, qv), _mm256_sign_epi8(xv, qv));
+        const __m256 pf = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        blk[r] = _mm256_fmadd_ps(pf, dv, blk[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_fmadd_ps(blk[r], _mm256_set1_ps(_cvtsh_ss(scales[(n + r) * G + g])), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) y[n + r] = hsum(acc[r]);
+}
+
+void q8i8_rows(const int8_t* W, const uint16_t* scales, int64_t G, int64_t B, const int8_t* xq, const float* xd,
+               int64_t K, int64_t n0, int64_t n1, float* y) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) q8i8_group<4>(W, scales, G, B, xq, xd, K, n, y);
+  for (; n < n1; ++n) q8i8_group<1>(W, scales, G, B, xq, xd, K, n, y);
+}
+
 }  // namespace
+
+Q8I8RowsFn q8i8_rows_avx2() { return q8i8_rows; }
 
 LowpRowsFn lowp_rows_avx2(WKind kind) {
   switch (kind) {

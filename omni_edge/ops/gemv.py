@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from omni_edge.ops import _check, _dispatch
+from omni_edge.ops import _check, _dispatch, q4
 
 Q8_BLOCKS = (32, -1)  # the block sizes `--lm-head q8` offers: ggml Q8_0-like 32, or -1 = one scale per row
 NATIVE_MAX_ROWS = 8  # rows of x run natively one by one; more use torch (the weight is re-read per row)
@@ -147,8 +147,10 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return y
 
 
-def q8_matmul(x: torch.Tensor, w: Q8Weight) -> torch.Tensor:
-    """y = x W^T + bias for a Q8Weight: (..., K) -> (..., N) fp32."""
+def q8_matmul(x: torch.Tensor, w: Q8Weight, *, exact: Optional[bool] = None) -> torch.Tensor:
+    """y = x W^T + bias for a Q8Weight: (..., K) -> (..., N) fp32. Natively, x is quantized to int8 per 32
+    inputs first (the q4 INT8 mode's rule, ggml's Q8_0 x Q8_0) unless `exact` (default: the q4 mode in force,
+    `omni_edge.ops.q4.exact_default()`) or K / the block are not multiples of 32; the torch path is exact."""
     if not isinstance(w, Q8Weight):
         raise ValueError(f"w: expected omni_edge.ops.gemv.Q8Weight, got {type(w).__name__}")
     n, k = w.out_features, w.in_features
@@ -157,8 +159,19 @@ def q8_matmul(x: torch.Tensor, w: Q8Weight) -> torch.Tensor:
         return q8_matmul_ref(x, w)
     y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)
     lib = _native_lib()
+    mode = q4.MODE_EXACT if (q4.exact_default() if exact is None else exact) else q4.MODE_INT8
     xf, yf = x.reshape(m, k), y.view(m, n)
     for i in range(m):
         lib.gemv_q8_cpu(w.codes.data_ptr(), w.scales.data_ptr(), w.block, xf[i].data_ptr(),
-                        0 if w.bias is None else w.bias.data_ptr(), n, k, yf[i].data_ptr())
+                        0 if w.bias is None else w.bias.data_ptr(), n, k, yf[i].data_ptr(), mode)
     return y
+
+
+def quantize_activations_ref(x: torch.Tensor) -> torch.Tensor:
+    """x (K,) fp32, K a multiple of 32 -> the values the int8 path multiplies: per 32 inputs d = max |x| / 127,
+    xi = round-half-even(x * (127 / max |x|)) (0 for an all-zero block), returned as d * xi (fp32)."""
+    xb = x.float().reshape(-1, 32)
+    amax = xb.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    xi = torch.round(xb * inv)
+    return (xi * (amax / 127.0)).reshape(x.shape)
