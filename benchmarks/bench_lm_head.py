@@ -172,6 +172,7 @@ def lane(path: str, quant: str, new_tokens: int, max_tokens: int, fmts):
         rows[fmt] = dict(bytes=bb.lm_head.nbytes, ppl=ppl, answers=answers,
                          tok_s=statistics.median(rates) if rates else float("nan"),
                          native=bool(bb._plan_head))
+        print(f"  done: {fmt}: ppl {ppl:.3f}, {rows[fmt]['tok_s']:.1f} tok/s", flush=True)
     tokens = sum(len(s) - 1 for s in samples)
     return rows, tokens
 
@@ -209,6 +210,7 @@ def main(argv=None) -> int:
         return 0
     path = smollm2_checkpoint()
     ref = transformers_answers(path, args.new_tokens)
+    print("transformers fp32 answers done", flush=True)
     rows, tokens = lane(path, args.quant, args.new_tokens, args.heldout_tokens, fmts)
     print(f"\nSmolLM2-135M-Instruct real weights, decoder {args.quant}, greedy; perplexity on the built-in held-out "
           f"text ({tokens} tokens); decode tok/s = median over the {len(FACTS)} prompts of 1 / median step")

@@ -352,13 +352,15 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
         try:
             for name, dtype in copy.items():  # everything outside the decoder layers, one tensor at a time
                 where[name].write(name, _to_store(name, ckpt.get(name), dtype))
-            head_dense = None
+            head_source = "model.embed_tokens.weight" if cfg.backbone.tie_word_embeddings else "lm_head.weight"
             if head_entry is not None:  # from the source precision, before anything is rounded to fp16
-                source = "model.embed_tokens.weight" if cfg.backbone.tie_word_embeddings else "lm_head.weight"
-                tensors, head_dense = lm_head_tensors(ckpt.get(source), head_entry)
+                tensors, _ = lm_head_tensors(ckpt.get(head_source), head_entry)
                 for name, t in tensors.items():
                     where[name].write(name, t.contiguous())
                 del tensors
+
+            def quantized_head():  # recomputed for the perplexity at the end (not held through the layer pass)
+                return lm_head_tensors(ckpt.get(head_source), head_entry)[1]
 
             def on_layer(i: int, tensors: Dict[str, torch.Tensor]) -> None:
                 for name, t in tensors.items():
@@ -367,8 +369,7 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
             result = run_sequential(ckpt, spec, method=opts.method, calibration=calib.samples, heldout=heldout,
                                     device=opts.device, checkpoint_format=opts.format, on_layer=on_layer,
                                     progress=opts.progress,
-                                    quantized_head=None if head_dense is None else (lambda: head_dense))
-            del head_dense
+                                    quantized_head=None if head_entry is None else quantized_head)
             for w in writers.values():
                 w.close()
         except BaseException:

@@ -287,6 +287,8 @@ def test_bundle_round_trip(qwen2_srcs, tmp_path, fmt, tied, q4_exact):
     if fmt == "q8":
         assert m["report"]["perplexity"]["quantized"] > 1.0
     assert bundle.verify(out)["ok"]
+    from omni_edge.cli import main
+    assert main(["verify", str(out)]) == 0 and main(["inspect", str(out)]) == 0
     ckpt = Checkpoint.open(out)
     assert ckpt.lm_head_format() == {"fp16": "dense"}.get(fmt, fmt)
     assert ckpt.unknown() == []
