@@ -269,6 +269,7 @@ def _stored_head(out, fmt):
     return t.get("lm_head.weight", t["model.embed_tokens.weight"]).float()
 
 
+@pytest.mark.slow  # six tiny quantize runs
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("fmt", ["fp16", "q8", "q4"])
 @torch.no_grad()
@@ -356,6 +357,7 @@ def test_checkpoint_refuses_inconsistent_q8_head(tmp_path):
 # Generation: the native-logits path against the Python path
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # two models' worth of greedy replies
 @pytest.mark.parametrize("fmt", ["fp16", "q8"])
 @torch.no_grad()
 def test_chat_greedy_identical_native_and_python(tiny_omni, fmt, monkeypatch):
