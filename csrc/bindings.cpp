@@ -393,7 +393,8 @@ PYBIND11_MODULE(_C, m) {
   // The native CPU decode step. omni_edge/backbone.py builds a DecodePlan once per KV cache from the layers'
   // tensor addresses and passes `keepalive` (the tensors themselves), which the plan holds so the addresses
   // stay valid for its lifetime. A linear travels as (1, weight, bias, N, K) for dense fp32 (bias 0 = none)
-  // or (2, q4 tuple) for 4-bit (the tuple of the q4 section). A layer is (input_norm, post_norm, linears,
+  // or (1, weight, bias, N, K, dtype) for fp16 / bf16 weights, (2, q4 tuple) for 4-bit (the tuple of the q4
+  // section) or (3, codes, scales, bias, N, K, block) for q8; the lm_head is one more such tuple. A layer is (input_norm, post_norm, linears,
   // k_cache, v_cache) with linears [W_pack, o, gate, up, down] (packed) or [q, k, v, o, gate, up, down].
   m.def("gemv_f32_cpu",
         [](uintptr_t W, uintptr_t x, uintptr_t bias, int64_t N, int64_t K, uintptr_t y) {
@@ -401,6 +402,22 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("W"), py::arg("x"), py::arg("bias"), py::arg("N"), py::arg("K"), py::arg("y"), release_gil(),
         "y (N) = W (N, K) . x (K) + bias, fp32 (bias 0 = none)");
+  m.def("gemv_cpu",
+        [](uintptr_t W, int wdtype, uintptr_t x, uintptr_t bias, int64_t N, int64_t K, uintptr_t y) {
+          check(oe_gemv_cpu(ptr<const void>(W), wdtype, ptr<const float>(x), ptr<const float>(bias), N, K, ptr<float>(y)));
+        },
+        py::arg("W"), py::arg("wdtype"), py::arg("x"), py::arg("bias"), py::arg("N"), py::arg("K"), py::arg("y"),
+        release_gil(), "y (N) fp32 = W (N, K) in wdtype (0 f32, 1 f16, 2 bf16) . x (K) fp32 + bias (0 = none)");
+  m.def("gemv_q8_cpu",
+        [](uintptr_t q, uintptr_t scales, int64_t block, uintptr_t x, uintptr_t bias, int64_t N, int64_t K, uintptr_t y,
+           int mode) {
+          check(oe_gemv_q8_cpu(ptr<const int8_t>(q), ptr<const uint16_t>(scales), block, ptr<const float>(x),
+                               ptr<const float>(bias), N, K, ptr<float>(y), mode));
+        },
+        py::arg("q"), py::arg("scales"), py::arg("block"), py::arg("x"), py::arg("bias"), py::arg("N"), py::arg("K"),
+        py::arg("y"), py::arg("mode") = 0, release_gil(),
+        "y (N) fp32 = (scales (N, ceil(K/block)) fp16 per block * q (N, K) int8) . x (K) fp32 + bias (0 = none); "
+        "mode 1: x quantized to int8 per 32 inputs first (as the q4 INT8 mode)");
   struct DecodePlan {
     oe_decode_plan* plan = nullptr;
     py::object keepalive;
@@ -410,19 +427,29 @@ PYBIND11_MODULE(_C, m) {
   static const auto decode_linear = [](const py::tuple& t, const char* what) {
     oe_decode_linear l{};
     const int kind = t.size() >= 1 ? t[0].cast<int>() : 0;
-    if (kind == OE_DECODE_DENSE && t.size() == 5) {
+    if (kind == OE_DECODE_DENSE && (t.size() == 5 || t.size() == 6)) {
       l.kind = kind;
-      l.weight = ptr<const float>(t[1].cast<uintptr_t>());
+      l.weight = ptr<const void>(t[1].cast<uintptr_t>());
       l.bias = ptr<const float>(t[2].cast<uintptr_t>());
       l.N = t[3].cast<int64_t>();
       l.K = t[4].cast<int64_t>();
+      l.wdtype = t.size() == 6 ? t[5].cast<int>() : OE_F32;
+    } else if (kind == OE_DECODE_Q8 && t.size() == 7) {
+      l.kind = kind;
+      l.weight = ptr<const void>(t[1].cast<uintptr_t>());
+      l.q8_scales = ptr<const uint16_t>(t[2].cast<uintptr_t>());
+      l.bias = ptr<const float>(t[3].cast<uintptr_t>());
+      l.N = t[4].cast<int64_t>();
+      l.K = t[5].cast<int64_t>();
+      l.q8_block = t[6].cast<int64_t>();
     } else if (kind == OE_DECODE_Q4 && t.size() == 2) {
       l.kind = kind;
       l.q4 = q4_weight(t[1].cast<Q4Tuple>());
       l.N = l.q4.N;
       l.K = l.q4.K;
     } else {
-      throw py::value_error(std::string("decode plan: ") + what + ": expected (1, weight, bias, N, K) or (2, q4 tuple), got a " +
+      throw py::value_error(std::string("decode plan: ") + what + ": expected (1, weight, bias, N, K[, dtype]), (2, q4 tuple) "
+                            "or (3, codes, scales, bias, N, K, block), got a " +
                             std::to_string(t.size()) + "-tuple of kind " + std::to_string(kind));
     }
     return l;
@@ -430,8 +457,9 @@ PYBIND11_MODULE(_C, m) {
   py::class_<DecodePlan>(m, "DecodePlan", "Opaque native decode plan (csrc/decode/decode.h)")
       .def(py::init([](int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
                        int64_t max_len, float eps, bool packed, uintptr_t cos, uintptr_t sin, uintptr_t final_norm,
-                       const std::vector<py::tuple>& layers, py::object keepalive) {
+                       const std::vector<py::tuple>& layers, py::object keepalive, py::object lm_head) {
              oe_decode_config c{};
+             if (!lm_head.is_none()) c.lm_head = decode_linear(lm_head.cast<py::tuple>(), "lm_head");
              c.hidden = hidden;
              c.heads = heads;
              c.kv_heads = kv_heads;
@@ -482,13 +510,20 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("intermediate"),
            py::arg("max_len"), py::arg("eps"), py::arg("packed"), py::arg("cos"), py::arg("sin"),
-           py::arg("final_norm"), py::arg("layers"), py::arg("keepalive"))
+           py::arg("final_norm"), py::arg("layers"), py::arg("keepalive"), py::arg("lm_head") = py::none())
       .def("step",
            [](DecodePlan& p, uintptr_t h_in, uintptr_t h_out, int64_t pos, int q4_mode) {
              check(oe_decode_step_cpu(p.plan, ptr<const float>(h_in), ptr<float>(h_out), pos, q4_mode));
            },
            py::arg("h_in"), py::arg("h_out"), py::arg("pos"), py::arg("q4_mode"), release_gil(),
            "h_in (C,) fp32 -> h_out (C,) after the final norm, K/V written at pos; ValueError if pos >= max_len")
+      .def("step_logits",
+           [](DecodePlan& p, uintptr_t h_in, uintptr_t h_out, uintptr_t logits, int64_t pos, int q4_mode) {
+             check(oe_decode_step_logits_cpu(p.plan, ptr<const float>(h_in), ptr<float>(h_out), ptr<float>(logits), pos,
+                                             q4_mode));
+           },
+           py::arg("h_in"), py::arg("h_out"), py::arg("logits"), py::arg("pos"), py::arg("q4_mode"), release_gil(),
+           "step, then logits (V,) fp32 = lm_head(h_out) (h_out 0: not written); the plan needs an lm_head")
       .def_readonly("hidden", &DecodePlan::hidden)
       .def_readonly("max_len", &DecodePlan::max_len);
 }

@@ -16,7 +16,15 @@ Decode of one sequence on the CPU (B == 1, T == 1, fp32) runs every layer in one
 (csrc/decode: `_C.DecodePlan`, built from the layers' tensors when the cache is allocated and rebuilt after a
 linear is replaced) instead of the Python layer loop, whose per-op dispatch dominates a small model's step.
 Same kernels, same results up to fp32 summation order in the dense matmuls; OMNI_EDGE_NATIVE_DECODE=0 (or
-OMNI_EDGE_NATIVE=0) keeps the Python loop, which stays the reference.
+OMNI_EDGE_NATIVE=0) keeps the Python loop, which stays the reference. The plan includes the lm_head, so
+`decode_step` runs a whole token (layers, final norm, lm_head) in one native call; `forward` still returns
+hidden states only, for the callers that need no logits.
+
+Embedding and lm_head precision. On the CPU with fp32 activations, a 16-bit embedding / dense lm_head (fp16 in
+bundles, bf16 in Baichuan's checkpoint) stays in its stored dtype: the lookup converts the gathered rows only,
+and the lm_head GEMV reads the 16-bit weight (omni_edge.ops.gemv). `quantize_lm_head` (or a bundle written with
+`omni-edge quantize --lm-head q8|q4`) replaces the lm_head by an int8 or 4-bit copy; a tied embedding stays
+dense for the lookup. LM_HEAD_FORMATS names the choices.
 
 Decode on CUDA (T == 1) runs `omni_edge.device_step.DeviceStep`: positions and lengths in device buffers,
 workspaces made with the cache, no host synchronisation, and the whole step captured once as a CUDA graph and
@@ -36,9 +44,17 @@ from omni_edge.checkpoint import (Checkpoint, GptqParams, Linear as LinearSpec, 
                                   layer_prefix, qweight_from_tensors)
 from omni_edge.config import BackboneConfig
 from omni_edge import knobs
-from omni_edge.ops import _dispatch, attention, q4
+from omni_edge.ops import _dispatch, attention, gemv, q4
 
 QUANT_MODES = ("none", "rtn4")
+# lm_head formats (`quantize_lm_head`, `omni-edge quantize --lm-head`, chat's `--lm-head`): the dense dtypes, q8
+# (int8, one fp16 scale per row and block of LM_HEAD_Q8_BLOCK inputs) and q4 (RTN 4-bit, asymmetric, group
+# LM_HEAD_Q4_GROUP, the tiled q4 layout). See quantize/FORMAT.md §4 and benchmarks/bench_lm_head.py.
+LM_HEAD_FORMATS = ("fp32", "fp16", "bf16", "q8", "q4")
+LM_HEAD_Q8_BLOCK = 32
+LM_HEAD_Q4_GROUP = 32
+LM_HEAD_Q4_SYM = False
+_HEAD_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 RTN_GROUP_SIZES = (128, 64, 32)  # fallback candidates when K is not a multiple of the group size asked for
 # `--quant rtn4`'s grid: asymmetric (min/max with a zero point, as llama.cpp's Q4_1) in groups of 32 rows. On
@@ -68,40 +84,71 @@ def linear_names(cfg: BackboneConfig) -> List[str]:
 # ------------------------------------------------------------------------------------------------
 
 class Linear:
-    """y = x W^T + b with W dense (out, in) or a 4-bit QWeight (which holds its own bias)."""
+    """y = x W^T + b with W dense (out, in), a 4-bit QWeight (which holds its own bias) or, for the lm_head, an
+    int8 `omni_edge.ops.gemv.Q8Weight`. A dense W whose dtype differs from x's (a 16-bit lm_head under fp32
+    activations) is read as stored: the result is fp32."""
 
-    __slots__ = ("weight", "bias", "qweight")
+    __slots__ = ("weight", "bias", "qweight", "q8")
 
     def __init__(self, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-                 qweight: Optional[q4.QWeight] = None):
-        if (weight is None) == (qweight is None):
-            raise ValueError("Linear: give exactly one of weight (dense) or qweight (4-bit)")
+                 qweight: Optional[q4.QWeight] = None, q8: Optional[gemv.Q8Weight] = None):
+        if (weight is not None) + (qweight is not None) + (q8 is not None) != 1:
+            raise ValueError("Linear: give exactly one of weight (dense), qweight (4-bit) or q8 (int8)")
         self.weight = weight  # (out, in) dense, or None
-        self.bias = bias if qweight is None else None  # (out,) dense bias, or None
+        self.bias = bias if weight is not None else None  # (out,) dense bias, or None
         self.qweight = qweight
+        self.q8 = q8
 
     @property
     def out_features(self) -> int:
-        return self.qweight.out_features if self.qweight is not None else self.weight.shape[0]
+        w = self.qweight if self.qweight is not None else self.q8
+        return w.out_features if w is not None else self.weight.shape[0]
 
     @property
     def in_features(self) -> int:
-        return self.qweight.in_features if self.qweight is not None else self.weight.shape[1]
+        w = self.qweight if self.qweight is not None else self.q8
+        return w.in_features if w is not None else self.weight.shape[1]
+
+    @property
+    def format(self) -> str:
+        """'q4', 'q8', or the dense dtype as 'fp32' / 'fp16' / 'bf16'."""
+        if self.qweight is not None:
+            return "q4"
+        if self.q8 is not None:
+            return "q8"
+        return {v: k for k, v in _HEAD_DTYPES.items()}.get(self.weight.dtype, str(self.weight.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weight read per matmul (codes, scales and zeros for the quantized forms)."""
+        if self.qweight is not None:
+            return self.qweight.nbytes
+        if self.q8 is not None:
+            return self.q8.nbytes
+        return self.weight.numel() * self.weight.element_size()
 
     @property
     def quantized(self) -> bool:
         return self.qweight is not None
 
     def dense_weight(self) -> torch.Tensor:
-        """(out, in) weight, dequantized to fp32 for 4-bit layers."""
+        """(out, in) weight, dequantized to fp32 for 4-bit and int8 layers."""
+        if self.q8 is not None:
+            return self.q8.dequantize()
         return self.qweight.dequantize().t() if self.qweight is not None else self.weight
 
     def dense_bias(self) -> Optional[torch.Tensor]:
+        if self.q8 is not None:
+            return self.q8.bias
         return self.qweight.bias if self.qweight is not None else self.bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
             return q4.matmul(x, self.qweight)
+        if self.q8 is not None:
+            return gemv.q8_matmul(x, self.q8)
+        if self.weight.dtype != x.dtype:
+            return gemv.matmul(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -382,22 +429,30 @@ class DecoderLayer:
 # The backbone
 # ------------------------------------------------------------------------------------------------
 
+def _head_dtype(stored: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the embedding / a dense lm_head is kept in: the stored 16-bit dtype on the CPU under fp32
+    activations (read as stored, never copied to fp32), else the activation dtype."""
+    keep = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(stored)
+    return keep if keep is not None and device.type == "cpu" and dtype == torch.float32 else dtype
+
+
 class Backbone:
     def __init__(self, cfg: BackboneConfig, embed_tokens: torch.Tensor, layers: Sequence[DecoderLayer],
-                 norm: torch.Tensor, lm_head: Linear):
+                 norm: torch.Tensor, lm_head: Linear, *, dtype: Optional[torch.dtype] = None):
         self.config = cfg
-        self.embed_tokens = embed_tokens  # (V, C) model.embed_tokens.weight
+        self.embed_tokens = embed_tokens  # (V, C) model.embed_tokens.weight, activation dtype or stored 16-bit
         self.layers = list(layers)  # model.layers.N
         self.norm = norm  # (C,) model.norm.weight
-        self.lm_head = lm_head  # (V, C) lm_head.weight (the embedding matrix when tied)
+        self.lm_head = lm_head  # (V, C) lm_head.weight (the embedding matrix when tied), or its q8 / q4 copy
         self.device = embed_tokens.device
-        self.dtype = embed_tokens.dtype
+        self.dtype = dtype if dtype is not None else norm.dtype  # activations
         self._k: Optional[torch.Tensor] = None  # (L, B, Hkv, S, D)
         self._v: Optional[torch.Tensor] = None
         self._cos: Optional[torch.Tensor] = None  # (S, D) fp32
         self._sin: Optional[torch.Tensor] = None
         self._lengths: Optional[torch.Tensor] = None  # (B,) int32, reused by every decode step
-        self._plan = None  # _C.DecodePlan for the current cache and layers, or None
+        self._plan = None  # _C.DecodePlan for the current cache, layers and lm_head, or None
+        self._plan_head = False  # the plan computes logits
         self._plan_epoch = None  # _layers_version() the plan was built at
         self._layout_reason: Optional[str] = None  # native_decode_supported's per-tensor verdict ...
         self._layout_epoch = None  # ... at this _layers_version()
@@ -415,29 +470,42 @@ class Backbone:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, *, device="cpu", dtype: torch.dtype = torch.float32,
-                        quant: str = "none", group_size: int = RTN_GROUP_SIZE) -> "Backbone":
+                        quant: str = "none", group_size: int = RTN_GROUP_SIZE,
+                        lm_head: Optional[str] = None) -> "Backbone":
         """Load the backbone stage (+ lm_head) of a checkpoint, one tensor at a time.
 
         quant "rtn4": every decoder linear is rounded to 4 bits at load (asymmetric, group `group_size`, default
         32, or the fallback of `rtn_group_size`); embeddings, norms and lm_head stay dense. GPTQ-stored linears load
-        as QWeights whatever `quant` says."""
+        as QWeights whatever `quant` says. On the CPU with fp32 activations a 16-bit embedding / lm_head stays
+        16-bit. A q8 / q4 lm_head stored in the checkpoint loads as such; `lm_head` (one of LM_HEAD_FORMATS)
+        converts the lm_head at load (see quantize_lm_head)."""
         device = cls._check_args(device, dtype, quant)
+        if lm_head is not None and lm_head not in LM_HEAD_FORMATS:
+            raise ValueError(f"lm_head: expected one of {LM_HEAD_FORMATS}, got {lm_head!r}")
         ckpt.require("backbone")
         ckpt.require("lm_head")
         cfg = ckpt.config.backbone
         if quant == "rtn4":  # one group size for the whole model, as `omni-edge quantize` picks it
             group_size = model_group_size(decoder_in_features(cfg), group_size)
-        embed = ckpt.get("model.embed_tokens.weight", dtype=dtype, device=device)
+        name = "model.embed_tokens.weight"
+        embed = ckpt.get(name, dtype=_head_dtype(ckpt.dtype(name), device, dtype), device=device)
         layers = [DecoderLayer.from_checkpoint(ckpt, i, device=device, dtype=dtype, quant=quant,
                                                group_size=group_size) for i in range(cfg.num_hidden_layers)]
         norm = ckpt.get("model.norm.weight", dtype=dtype, device=device)
-        if cfg.tie_word_embeddings:
-            lm_head = Linear(weight=embed)
-        elif ckpt.is_quantized("lm_head"):
-            lm_head = Linear(qweight=ckpt.linear("lm_head", dtype=dtype, device=device))
+        stored = ckpt.lm_head_format()
+        if stored == "q4":
+            head = Linear(qweight=ckpt.linear("lm_head", dtype=dtype, device=device))
+        elif stored == "q8":
+            head = Linear(q8=ckpt.q8_linear("lm_head", device=device))
+        elif cfg.tie_word_embeddings:
+            head = Linear(weight=embed)
         else:
-            lm_head = Linear(weight=ckpt.get("lm_head.weight", dtype=dtype, device=device))
-        return cls(cfg, embed, layers, norm, lm_head)
+            head = Linear(weight=ckpt.get("lm_head.weight", device=device,
+                                          dtype=_head_dtype(ckpt.dtype("lm_head.weight"), device, dtype)))
+        bb = cls(cfg, embed, layers, norm, head, dtype=dtype)
+        if lm_head is not None:
+            bb.quantize_lm_head(lm_head)
+        return bb
 
     @classmethod
     def from_tensors(cls, cfg: BackboneConfig, tensors: Dict[str, torch.Tensor], *, device="cpu",
@@ -464,7 +532,33 @@ class Backbone:
                                                     group_size=group_size, gptq=gptq))
         norm = get("model.norm.weight", (c,))
         lm_head = Linear(weight=embed if cfg.tie_word_embeddings else get("lm_head.weight", (cfg.vocab_size, c)))
-        return cls(cfg, embed, layers, norm, lm_head)
+        return cls(cfg, embed, layers, norm, lm_head, dtype=dtype)
+
+    # ---- lm_head ------------------------------------------------------------------------------
+
+    def quantize_lm_head(self, fmt: str, *, q8_block: int = LM_HEAD_Q8_BLOCK,
+                         q4_group: int = LM_HEAD_Q4_GROUP, q4_sym: bool = LM_HEAD_Q4_SYM) -> None:
+        """Replace the lm_head by a copy in `fmt` (LM_HEAD_FORMATS), made from its current weight (dequantized
+        first if it is already q8 / q4): a dense dtype, q8 (round-to-nearest int8 per row and block of
+        `q8_block` inputs, -1 = per row) or q4 (round-to-nearest 4-bit, group `q4_group` or the fallback of
+        rtn_group_size). A tied embedding is not touched (the lookup stays dense)."""
+        if fmt not in LM_HEAD_FORMATS:
+            raise ValueError(f"lm_head format: expected one of {LM_HEAD_FORMATS}, got {fmt!r}")
+        w = self.lm_head.dense_weight()  # (V, C)
+        bias = self.lm_head.dense_bias()
+        if fmt == "q8":
+            head = Linear(q8=gemv.quantize_q8(w, q8_block, bias=bias))
+        elif fmt == "q4":
+            if w.shape[0] % 8:
+                raise ValueError(f"lm_head format q4: the 4-bit layout needs a vocabulary that is a multiple of 8 "
+                                 f"rows, got {w.shape[0]}; use q8")
+            g = rtn_group_size(w.shape[1], q4_group)
+            head = Linear(qweight=q4.qweight_rtn(w, g, sym=q4_sym, bias=None if bias is None else bias.float()))
+        else:
+            dt = _HEAD_DTYPES[fmt]
+            head = Linear(weight=w if w.dtype == dt else w.to(dt).contiguous(), bias=bias)
+        self.lm_head = head
+        self._plan = None  # rebuilt with the new lm_head at the next step
 
     # ---- cache --------------------------------------------------------------------------------
 
@@ -562,12 +656,38 @@ class Backbone:
             layers.append((layer.input_layernorm.data_ptr(), layer.post_attention_layernorm.data_ptr(),
                            [linear(layer.linears[n]) for n in linear_names(cfg)],
                            self._k[i].data_ptr(), self._v[i].data_ptr()))
+        head = self._lm_head_tuple(keep)
         self._plan = _native.lib().DecodePlan(
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
             cfg.intermediate_size, self.max_len, float(cfg.rms_norm_eps), bool(cfg.packed_qkv),
-            self._cos.data_ptr(), self._sin.data_ptr(), self.norm.data_ptr(), layers, keep)
+            self._cos.data_ptr(), self._sin.data_ptr(), self.norm.data_ptr(), layers, keep, head)
+        self._plan_head = head is not None
         self._plan_epoch = version
         return self._plan
+
+    def _lm_head_tuple(self, keep: list):
+        """The lm_head as a plan linear (csrc/bindings.cpp), or None when the native step cannot run it (a
+        non-contiguous or non-CPU weight, a bias in another dtype); decode_step then runs it in torch."""
+        lin = self.lm_head
+        if lin.qweight is not None:
+            if lin.qweight.device.type != "cpu":
+                return None
+            keep.append(lin.qweight)
+            return (2, lin.qweight._handle)
+        if lin.q8 is not None:
+            w = lin.q8
+            if w.device.type != "cpu":
+                return None
+            keep.append(w)
+            return (3, w.codes.data_ptr(), w.scales.data_ptr(), 0 if w.bias is None else w.bias.data_ptr(),
+                    w.out_features, w.in_features, w.block)
+        w, b = lin.weight, lin.bias
+        if (w.device.type != "cpu" or not w.is_contiguous() or w.dtype not in _HEAD_DTYPES.values()
+                or (b is not None and (b.dtype != torch.float32 or not b.is_contiguous()))):
+            return None
+        keep.extend((w, b))
+        return (1, w.data_ptr(), 0 if b is None else b.data_ptr(), w.shape[0], w.shape[1],
+                {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[w.dtype])
 
     def decode_step_native(self, h: torch.Tensor, start: int) -> torch.Tensor:
         """One position through every layer natively: h (1, 1, C) fp32 at position `start` -> (1, 1, C) after
@@ -644,8 +764,24 @@ class Backbone:
             if inputs_embeds is not None:
                 inputs_embeds = inputs_embeds.to(device=self.device, dtype=self.dtype)
             return self._device_step().run(start, ids=input_ids, embeds=inputs_embeds, logits=True)
+        if input_ids is not None and self._native_head_ready(start):
+            # the CPU native step with the lm_head in its plan: one call, no torch op on the lm_head
+            h = self.embed(input_ids).contiguous()
+            out = torch.empty_like(h)
+            logits = torch.empty(1, self.lm_head.out_features, dtype=torch.float32)
+            self._decode_plan().step_logits(h.data_ptr(), out.data_ptr(), logits.data_ptr(), start,
+                                            q4.MODE_EXACT if q4.exact_default() else q4.MODE_INT8)
+            return out, logits
         h = self.forward(input_ids, inputs_embeds=inputs_embeds, start=start)
         return h, self.logits(h[:, -1])
+
+    def _native_head_ready(self, start) -> bool:
+        """True when a CPU decode step at `start` can run layers + lm_head in one native call."""
+        if not (isinstance(start, int) and 0 <= start < self.max_len and not self.embed_tokens.requires_grad
+                and self.native_decode_supported() is None):
+            return False
+        self._decode_plan()
+        return bool(self._plan_head)
 
     def decode_path(self) -> str:
         """One line: how a one-position step runs on this backbone and cache (for describe() and stats)."""
@@ -659,8 +795,9 @@ class Backbone:
     # ---- compute ------------------------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, C) embeddings."""
-        return F.embedding(input_ids, self.embed_tokens)
+        """(B, T) token ids -> (B, T, C) embeddings in the activation dtype (a 16-bit table converts only the
+        gathered rows)."""
+        return F.embedding(input_ids, self.embed_tokens).to(self.dtype)
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, *, inputs_embeds: Optional[torch.Tensor] = None,
                 start: int) -> torch.Tensor:

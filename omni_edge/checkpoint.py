@@ -17,6 +17,11 @@ config, as `Tensor` entries (name, shape) and `Linear` entries (prefix, out, in,
 dense (`<prefix>.weight` (out, in) [+ `.bias`]) or, when config.json has a GPTQ `quantization_config`, in the
 standard GPTQ layout (`<prefix>.qweight` int32 (in/8, out), `.qzeros` int32 (G, out/8), `.scales` (G, out),
 `.g_idx` int32 (in,) [+ `.bias`], G = ceil(in / group_size)); each linear may be either.
+
+The lm_head may also be stored quantized (`omni-edge quantize --lm-head q8|q4`, quantize/FORMAT.md §4), its
+format recorded in `quantization_config["omni_edge_lm_head"]`: q4 as GPTQ tensors `lm_head.qweight` ... with
+that entry's own group size / sym / checkpoint_format, q8 as `lm_head.q8_codes` int8 (V, C) and
+`lm_head.q8_scales` fp16 (V, ceil(C / block)). With tied embeddings these are a copy for the lm_head only.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 FLOAT = ("F32", "F16", "BF16")  # safetensors dtype names accepted for float tensors
 GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+Q8_PARTS = ("q8_codes", "q8_scales")  # the q8 lm_head (quantize/FORMAT.md §4)
+LM_HEAD_QUANT_KEY = "omni_edge_lm_head"  # quantization_config entry describing a quantized lm_head
 
 _ST_TO_TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
@@ -358,6 +365,40 @@ class Checkpoint:
         self._header = header  # tensor name -> (dtype, shape)
         self._handles: Dict[str, object] = {}
         self.finite_check = "small"  # "small" | "all" | "none": which float tensors `get` checks for NaN / Inf
+        self.lm_head_quant = self._lm_head_quant(config.quantization)  # None, or the lm_head format entry
+
+    @staticmethod
+    def _lm_head_quant(q: Optional[dict]) -> Optional[dict]:
+        """quantization_config["omni_edge_lm_head"], checked: {"format": "q8", "block": B} or {"format": "q4",
+        "bits": 4, "group_size": g, "sym": bool, "checkpoint_format": "gptq" | "gptq_v2"}; None when absent or
+        "fp16" (a dense lm_head)."""
+        entry = (q or {}).get(LM_HEAD_QUANT_KEY)
+        if entry is None:
+            return None
+        where = f"config.json: quantization_config.{LM_HEAD_QUANT_KEY}"
+        if not isinstance(entry, dict) or entry.get("format") not in ("fp16", "q8", "q4"):
+            raise ValueError(f"{where}: expected an object with \"format\" fp16, q8 or q4, got {entry!r}")
+        fmt = entry["format"]
+        if fmt == "q8":
+            b = entry.get("block")
+            if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+                raise ValueError(f"{where}.block: expected a positive integer, got {b!r}")
+        elif fmt == "q4":
+            GptqParams.from_config({"quant_method": "gptq", **{k: v for k, v in entry.items() if k != "format"}})
+        return None if fmt == "fp16" else dict(entry)
+
+    def _gptq_for(self, prefix: str) -> Optional["GptqParams"]:
+        """The GPTQ parameters of the linear at `prefix` (the lm_head's own when it is stored as q4)."""
+        if prefix == "lm_head" and self.lm_head_quant is not None and self.lm_head_quant["format"] == "q4":
+            return GptqParams.from_config({"quant_method": "gptq",
+                                           **{k: v for k, v in self.lm_head_quant.items() if k != "format"}})
+        return self.gptq
+
+    def lm_head_format(self) -> str:
+        """How the lm_head is stored: "q8", "q4" (GPTQ tensors) or "dense" (lm_head.weight, or tied)."""
+        if self.has("lm_head.q8_codes") or self.has("lm_head.q8_scales"):
+            return "q8"
+        return "q4" if self.is_quantized("lm_head") else "dense"
 
     # ---- opening ------------------------------------------------------------------------------
 
@@ -435,14 +476,29 @@ class Checkpoint:
     def _check_linear(self, s: Linear, errors: List[str], missing: Optional[List[str]]) -> None:
         p = s.prefix
         dense, quant = self.has(p + ".weight"), self.has(p + ".qweight")
-        if dense and quant:
-            errors.append(f"{p}: both .weight and .qweight are stored")
+        q8 = any(self.has(p + "." + x) for x in Q8_PARTS)
+        if dense + quant + q8 > 1:
+            errors.append(f"{p}: more than one of .weight, .qweight and .q8_codes are stored")
+            return
+        if q8:
+            lq = self.lm_head_quant
+            if p != "lm_head" or lq is None or lq["format"] != "q8":
+                errors.append(f"{p}.q8_codes: int8 tensors but config.json's quantization_config has no "
+                              f"{LM_HEAD_QUANT_KEY} of format q8 for them")
+                return
+            n, k = s.out_features, s.in_features
+            self._check_tensor(p + ".q8_codes", (n, k), ("I8",), errors, missing)
+            self._check_tensor(p + ".q8_scales", (n, -(-k // min(lq["block"], k))), ("F16",), errors, missing)
+            for part in Q8_PARTS:
+                if missing is None and not self.has(p + "." + part):
+                    errors.append(f"{p}.{part}: missing (the q8 lm_head needs {' and '.join(Q8_PARTS)})")
             return
         if quant:
-            if self.gptq is None:
+            gptq = self._gptq_for(p)
+            if gptq is None:
                 errors.append(f"{p}.qweight: GPTQ tensors but config.json has no quantization_config")
                 return
-            n, k, g = s.out_features, s.in_features, self.gptq.groups(s.in_features)
+            n, k, g = s.out_features, s.in_features, gptq.groups(s.in_features)
             want = {"qweight": ((k // 8, n), ("I32",)), "qzeros": ((g, n // 8), ("I32",)),
                     "scales": ((g, n), FLOAT), "g_idx": ((k,), ("I32", "I64"))}
             if k % 8 or n % 8:
@@ -487,6 +543,12 @@ class Checkpoint:
                     self._check_linear(s, errors, None)
                 else:
                     self._check_tensor(s.name, s.shape, FLOAT, errors, None)
+        b = self.config.backbone
+        if b.tie_word_embeddings and self.lm_head_format() != "dense":  # the quantized copy of a tied lm_head
+            self._check_linear(Linear("lm_head", b.vocab_size, b.hidden_size, False), errors, None)
+        if self.lm_head_quant is not None and self.lm_head_format() != self.lm_head_quant["format"]:
+            errors.append(f"quantization_config.{LM_HEAD_QUANT_KEY} says the lm_head is "
+                          f"{self.lm_head_quant['format']}, but the tensors store it as {self.lm_head_format()}")
         self._raise(errors, "tensors do not match config.json")
 
     def missing(self, stage: str) -> List[str]:
@@ -536,7 +598,12 @@ class Checkpoint:
         if isinstance(s, Tensor):
             return [s.name]
         p = s.prefix
-        parts = [p + "." + x for x in GPTQ_PARTS if self.has(p + "." + x)] if self.is_quantized(p) else [p + ".weight"]
+        if self.is_quantized(p):
+            parts = [p + "." + x for x in GPTQ_PARTS if self.has(p + "." + x)]
+        elif self.has(p + ".q8_codes"):
+            parts = [p + "." + x for x in Q8_PARTS]
+        else:
+            parts = [p + ".weight"]
         return parts + ([p + ".bias"] if s.bias else [])
 
     def stage(self, stage: str) -> List[str]:
@@ -552,7 +619,9 @@ class Checkpoint:
                 if isinstance(s, Tensor):
                     known.add(s.name)
                 else:
-                    known.update(s.prefix + "." + x for x in GPTQ_PARTS + ("weight", "bias"))
+                    known.update(s.prefix + "." + x for x in GPTQ_PARTS + Q8_PARTS + ("weight", "bias"))
+        if self.config.backbone.tie_word_embeddings:  # a quantized copy of the tied lm_head
+            known.update("lm_head." + x for x in GPTQ_PARTS + Q8_PARTS)
         return sorted(n for n in self._header if n not in known)
 
     # ---- reading ------------------------------------------------------------------------------
@@ -611,7 +680,16 @@ class Checkpoint:
             return self.get(prefix + ".weight", dtype=dtype, device=device)
         return qweight_from_tensors(
             {k: self.get(prefix + "." + k, device=device) for k in GPTQ_PARTS + ("bias",)
-             if self.has(prefix + "." + k)}, self.gptq, prefix=prefix, bias_dtype=dtype)
+             if self.has(prefix + "." + k)}, self._gptq_for(prefix), prefix=prefix, bias_dtype=dtype)
+
+    def q8_linear(self, prefix: str, device=None):
+        """The q8 linear at `prefix` (the lm_head) as an `omni_edge.ops.gemv.Q8Weight`."""
+        from omni_edge.ops.gemv import Q8Weight
+        if self.lm_head_quant is None or self.lm_head_quant["format"] != "q8":
+            raise ValueError(f"checkpoint {self.path}: {prefix} is not stored as q8")
+        codes = self.get(prefix + ".q8_codes", device=device)
+        k = codes.shape[1]
+        return Q8Weight(codes, self.get(prefix + ".q8_scales", device=device), min(self.lm_head_quant["block"], k))
 
     def close(self) -> None:
         self._handles.clear()

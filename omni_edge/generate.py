@@ -542,6 +542,7 @@ class ChatSession:
                 on_hidden(hidden[0])
             prefill_s = time.perf_counter() - t0
             t_decode = time.perf_counter()
+            decode_step = getattr(self.backbone, "decode_step", None)
             while True:
                 if tid in stop_ids:
                     finish = "stop"
@@ -556,9 +557,13 @@ class ChatSession:
                 ts = time.perf_counter()
                 sampler.observe(token)
                 self._input.copy_(token.view(1, 1))
-                hidden = self.backbone.forward(self._input, start=len(self.cached))
+                if decode_step is not None:  # layers + lm_head in one step (CPU: one native call; CUDA: a graph)
+                    hidden, logits = decode_step(self._input, start=len(self.cached))
+                    logits = logits[0]
+                else:
+                    hidden = self.backbone.forward(self._input, start=len(self.cached))
+                    logits = self.backbone.logits(hidden[:, -1])[0]
                 self.cached.append(tid)
-                logits = self.backbone.logits(hidden[:, -1])[0]
                 token = sampler.sample(logits)
                 tid = int(token)
                 if not math.isfinite(float(logits[tid])):  # NaN/Inf weights poison every logit, the chosen too

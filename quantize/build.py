@@ -7,7 +7,10 @@ What the bundle holds (docs/ARCHITECTURE.md, "The edge bundle"):
   default to "gptq_v2" (stored zero = zero), because v1 cannot tell an asymmetric zero point of 0 from the
   wrapped -1 that old packers wrote, so GPTQModel (and transformers through it) refuses asymmetric v1
   checkpoints from other producers. `checkpoint_format` overrides the choice;
-- the backbone's other tensors (embed_tokens, norms, lm_head, audio_embed_layers) as fp16;
+- the backbone's other tensors (embed_tokens, norms, lm_head, audio_embed_layers) as fp16; with `--lm-head q8`
+  or `q4` the lm_head instead as int8 / 4-bit (quantize/FORMAT.md §4; a tied embedding stays fp16 and the
+  quantized lm_head is a copy), recorded in config.json's `quantization_config.omni_edge_lm_head` and the
+  manifest. Such a bundle is read by omni-edge only (`--lm-head fp16` keeps it a plain GPTQ checkpoint);
 - every other stage's tensors unchanged (audio head, vision, audio tokenizer/decoder/flow matching);
 - config.json (the source's, plus `quantization_config`) and the side files the runtime reads (generation
   config, tokenizer files, chat template; licence / readme), copied by allow-list and listed in the manifest;
@@ -32,8 +35,10 @@ import torch
 
 from omni_edge import __version__
 from omni_edge import bundle as bundle_mod
-from omni_edge.backbone import decoder_in_features, model_group_size
-from omni_edge.checkpoint import INDEX_FILE, Checkpoint, Linear as LinearSpec, stage_specs, stages_of
+from omni_edge.backbone import (LM_HEAD_Q4_GROUP, LM_HEAD_Q4_SYM, LM_HEAD_Q8_BLOCK, decoder_in_features,
+                                model_group_size, rtn_group_size)
+from omni_edge.checkpoint import (INDEX_FILE, LM_HEAD_QUANT_KEY, Checkpoint, Linear as LinearSpec, stage_specs,
+                                  stages_of)
 
 from .bundle_writer import (AtomicDir, SafetensorsWriter, clean_stale_partials, copy_side_files, file_entry,
                             source_fingerprint, write_json)
@@ -57,6 +62,9 @@ TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
                "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
                "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
 
+
+LM_HEAD_CHOICES = ("fp16", "q8", "q4")  # `--lm-head`
+LM_HEAD_DEFAULT = "q8"  # benchmarks/bench_lm_head.py: see the README's lm_head table
 
 VOCODER_FILE = "vocoder.safetensors"  # what the runtime looks for in a bundle (omni_edge.pipeline.VOCODER_FILES)
 VOCODER_SOURCES = ("hift.pt", "vocoder.safetensors")  # picked up from the source folder when --vocoder is absent
@@ -84,6 +92,7 @@ class QuantizeOptions:
     checkpoint_format: Optional[str] = None  # "gptq" | "gptq_v2"; default: "gptq" if sym else "gptq_v2"
     progress: bool = True
     vocoder: Optional[str] = None  # HiFT vocoder (hift.pt or .safetensors); default: one found in the source
+    lm_head: str = LM_HEAD_DEFAULT  # LM_HEAD_CHOICES
 
     @property
     def format(self) -> str:
@@ -134,7 +143,38 @@ def _gptq_parts(prefix: str, n: int, k: int, groups: int, bias: bool) -> Dict[st
     return d
 
 
-def _plan(ckpt: Checkpoint, spec: QuantSpec):
+def lm_head_entry(fmt: str, k: int) -> Optional[dict]:
+    """quantization_config["omni_edge_lm_head"] for `--lm-head fmt` and C = k inputs (None for fp16)."""
+    if fmt == "q8":
+        return {"format": "q8", "bits": 8, "block": min(LM_HEAD_Q8_BLOCK, k), "sym": True}
+    if fmt == "q4":
+        return {"format": "q4", "bits": 4, "group_size": rtn_group_size(k, LM_HEAD_Q4_GROUP), "sym": LM_HEAD_Q4_SYM,
+                "desc_act": False, "checkpoint_format": "gptq_v2"}
+    return None
+
+
+def lm_head_tensors(weight: torch.Tensor, entry: dict):
+    """Round-to-nearest q8 / q4 tensors of the lm_head weight (V, C) (source precision) under their bundle names,
+    and the (V, C) fp32 weight they decode to."""
+    from omni_edge.ops import gemv, q4
+
+    if entry["format"] == "q8":
+        w = gemv.quantize_q8(weight, entry["block"])
+        return {"lm_head.q8_codes": w.codes, "lm_head.q8_scales": w.scales}, w.dequantize()
+    qw = q4.qweight_rtn(weight, entry["group_size"], sym=entry["sym"])
+    qweight, qzeros, scales, g_idx = qw.to_gptq(entry["checkpoint_format"])
+    return ({"lm_head.qweight": qweight, "lm_head.qzeros": qzeros, "lm_head.scales": scales.to(torch.float16),
+             "lm_head.g_idx": g_idx.to(torch.int32)}, qw.dequantize().t())
+
+
+def _lm_head_specs(entry: dict, n: int, k: int) -> Dict[str, Tuple[torch.dtype, Tuple]]:
+    if entry["format"] == "q8":
+        return {"lm_head.q8_codes": (torch.int8, (n, k)),
+                "lm_head.q8_scales": (torch.float16, (n, -(-k // entry["block"])))}
+    return _gptq_parts("lm_head", n, k, -(-k // entry["group_size"]), False)
+
+
+def _plan(ckpt: Checkpoint, spec: QuantSpec, head: Optional[dict] = None):
     """Which tensor goes to which file, with which dtype and shape; and which are converted.
 
     Returns files {file: {name: (dtype, shape)}}, copy {name: stored dtype} (tensors copied from the source,
@@ -153,6 +193,13 @@ def _plan(ckpt: Checkpoint, spec: QuantSpec):
     for stage in stages_of(cfg):
         fname = file_of(stage)
         table = files.setdefault(fname, {})
+        if stage == "lm_head" and head is not None:  # the quantized lm_head (a copy of a tied embedding)
+            b = cfg.backbone
+            table.update(_lm_head_specs(head, b.vocab_size, b.hidden_size))
+            placed.update(n for n in ("lm_head.weight",) if ckpt.has(n))
+            stage_names["lm_head"] = ["lm_head.weight" if ckpt.has("lm_head.weight") else "model.embed_tokens.weight"]
+            modules.setdefault(stage, set()).add(fname)
+            continue
         for s in stage_specs(cfg, stage):
             names = [n for n in ckpt.spec_names(s) if ckpt.has(n)]
             placed.update(names)
@@ -182,6 +229,16 @@ def _plan(ckpt: Checkpoint, spec: QuantSpec):
         stage_names["extra"] = extra
     files = {f: t for f, t in files.items() if t}
     return files, copy, modules, stage_names
+
+
+def _head_precision(entry: Optional[dict], tied: bool) -> str:
+    if entry is None:
+        return "float16"
+    copy = " (a copy of the tied embedding, which stays float16)" if tied else ""
+    if entry["format"] == "q8":
+        return f"int8 round-to-nearest, symmetric, one float16 scale per row and {entry['block']} inputs{copy}"
+    return (f"int4 round-to-nearest, {'sym' if entry['sym'] else 'asym'}, group {entry['group_size']}, "
+            f"GPTQ layout ({entry['checkpoint_format']}){copy}")
 
 
 def s_name(s) -> str:
@@ -238,6 +295,8 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
         raise ValueError(f"--checkpoint-format must be gptq or gptq_v2, got {opts.format!r}")
     if opts.method not in ("gptq", "rtn"):
         raise ValueError(f"--method must be gptq or rtn, got {opts.method!r}")
+    if opts.lm_head not in LM_HEAD_CHOICES:
+        raise ValueError(f"--lm-head must be one of {', '.join(LM_HEAD_CHOICES)}, got {opts.lm_head!r}")
     _check_paths(src, out)
     target = AtomicDir(out, force=opts.force)
     target.check_target()
@@ -267,6 +326,10 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
         opts = dataclasses.replace(opts, group_size=gs)
     spec = opts.spec()
     _check_shapes(ckpt, spec)
+    head_entry = lm_head_entry(opts.lm_head, cfg.backbone.hidden_size)
+    if opts.lm_head == "q4" and (cfg.backbone.vocab_size % 8 or cfg.backbone.hidden_size % 8):
+        raise ValueError(f"--lm-head q4: the GPTQ layout needs vocab_size and hidden_size that are multiples of 8, "
+                         f"got {cfg.backbone.vocab_size} and {cfg.backbone.hidden_size}; use --lm-head q8")
 
     tok = Tokenizer.from_dir(src)
     prompt = prompt_format(tok, cfg.kind)
@@ -281,7 +344,7 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
         f"{'on' if spec.act_order else 'off'}; calibration: {len(calib.samples)} samples, {calib.tokens} tokens "
         f"({calib.source}); device {opts.device}")
 
-    files, copy, modules, stage_names = _plan(ckpt, spec)
+    files, copy, modules, stage_names = _plan(ckpt, spec, head_entry)
     fingerprint = source_fingerprint(src / "config.json", ((n, ckpt.dtype(n), ckpt.shape(n)) for n in ckpt.names()))
 
     with target as tmp:
@@ -290,6 +353,15 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
         try:
             for name, dtype in copy.items():  # everything outside the decoder layers, one tensor at a time
                 where[name].write(name, _to_store(name, ckpt.get(name), dtype))
+            head_source = "model.embed_tokens.weight" if cfg.backbone.tie_word_embeddings else "lm_head.weight"
+            if head_entry is not None:  # from the source precision, before anything is rounded to fp16
+                tensors, _ = lm_head_tensors(ckpt.get(head_source), head_entry)
+                for name, t in tensors.items():
+                    where[name].write(name, t.contiguous())
+                del tensors
+
+            def quantized_head():  # recomputed for the perplexity at the end (not held through the layer pass)
+                return lm_head_tensors(ckpt.get(head_source), head_entry)[1]
 
             def on_layer(i: int, tensors: Dict[str, torch.Tensor]) -> None:
                 for name, t in tensors.items():
@@ -297,7 +369,8 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
 
             result = run_sequential(ckpt, spec, method=opts.method, calibration=calib.samples, heldout=heldout,
                                     device=opts.device, checkpoint_format=opts.format, on_layer=on_layer,
-                                    progress=opts.progress)
+                                    progress=opts.progress,
+                                    quantized_head=None if head_entry is None else quantized_head)
             for w in writers.values():
                 w.close()
         except BaseException:
@@ -320,6 +393,8 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
             log(f"vocoder: {vocoder} -> {VOCODER_FILE}")
         config = dict(cfg.raw)
         config["quantization_config"] = _quantization_config(opts, spec)
+        if head_entry is not None:
+            config["quantization_config"][LM_HEAD_QUANT_KEY] = head_entry
         if cfg.kind == "hf":  # every float tensor of the bundle is fp16
             keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
             for key in keys:
@@ -348,6 +423,8 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
             if stage == "backbone":
                 precision[stage] = (f"decoder linears: int{spec.bits} GPTQ ({opts.method}), group {spec.group_size}, "
                                     f"{'sym' if spec.sym else 'asym'}; embed_tokens, norms, biases: float16")
+            elif stage == "lm_head" and head_entry is not None:
+                precision[stage] = _head_precision(head_entry, cfg.backbone.tie_word_embeddings)
             elif stage == "vocoder":
                 precision[stage] = "float32 (HiFT, weight norm folded)"
             elif stage in FP16_STAGES:
@@ -363,7 +440,8 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
                        "fingerprint_of": "config.json and every tensor's name, dtype and shape",
                        "tensors": len(ckpt.names())},
             "modules": {stage: {"files": sorted(fs), "precision": precision[stage],
-                                "quantized": stage == "backbone"} for stage, fs in modules.items()},
+                                "quantized": stage == "backbone" or (stage == "lm_head" and head_entry is not None)}
+                        for stage, fs in modules.items()},
             "files": file_table,
             "quantization": {
                 "method": opts.method, "bits": spec.bits, "group_size": spec.group_size,
@@ -372,8 +450,12 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
                 "block_size": spec.block_size, "group_stats": spec.group_stats,
                 "group_order": spec.group_order and not spec.act_order, "true_sequential": True,
                 "checkpoint_format": opts.format,
-                "quantized": "every decoder-layer linear (q/k/v or W_pack, o_proj, gate_proj, up_proj, down_proj)",
-                "unquantized": {"float16": ["embed_tokens", "norms", "q/k/v biases", "lm_head"]
+                "quantized": "every decoder-layer linear (q/k/v or W_pack, o_proj, gate_proj, up_proj, down_proj)"
+                             + ("" if head_entry is None else "; the lm_head (see lm_head)"),
+                "lm_head": dict(head_entry or {"format": "fp16"},
+                                precision=_head_precision(head_entry, cfg.backbone.tie_word_embeddings)),
+                "unquantized": {"float16": ["embed_tokens", "norms", "q/k/v biases"]
+                                + (["lm_head"] if head_entry is None else [])
                                 + (["audio_embed_layers"] if cfg.kind == "omni" else []),
                                 "unchanged": sorted(s for s in modules if s not in FP16_STAGES)},
                 "calibration": calib.describe(), "seed": opts.seed, "device": opts.device,

@@ -45,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the HiFT vocoder for spoken replies (hift.pt from the Baichuan-Omni-1.5 repository, "
                         "third_party/cosy24k_vocoder), checked and stored in the bundle as vocoder.safetensors "
                         "(default: hift.pt or vocoder.safetensors in SRC, if there)")
+    p.add_argument("--lm-head", choices=("fp16", "q8", "q4"), default=None,
+                   help="how the bundle stores the lm_head: q8 (default; int8, one fp16 scale per row and 32 "
+                        "inputs, half the bytes of fp16), q4 (4-bit RTN, asymmetric, group 32, about a quarter), "
+                        "or fp16 (dense; keeps the bundle a plain GPTQ checkpoint other tools read). A tied "
+                        "embedding stays fp16; the quantized lm_head is a copy")
     p.add_argument("--force", action="store_true", help="replace OUT if it is an existing bundle")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     cli_args.add_threads(p, " for the quantizer's torch math and the native kernels")
@@ -70,7 +75,8 @@ def run(args) -> int:
                            static_groups=args.static_groups, damp=args.damp, method=args.method, calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, seed=args.seed,
                            force=args.force, heldout=args.heldout, progress=not args.quiet,
-                           checkpoint_format=args.checkpoint_format, vocoder=args.vocoder)
+                           checkpoint_format=args.checkpoint_format, vocoder=args.vocoder,
+                           **({} if args.lm_head is None else {"lm_head": args.lm_head}))
 
     def on_term(signum, frame):  # a kill still removes the partial output (via KeyboardInterrupt cleanup)
         raise KeyboardInterrupt

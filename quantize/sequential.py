@@ -137,9 +137,12 @@ def _nll(hidden: torch.Tensor, ids: torch.Tensor, norm: torch.Tensor, lm_head: t
 def run_sequential(ckpt: Checkpoint, spec: QuantSpec, *, method: str, calibration: Sequence[Sequence[int]],
                    heldout: Sequence[Sequence[int]] = (), device="cpu", checkpoint_format: str = "gptq",
                    on_layer: Optional[Callable[[int, Dict[str, torch.Tensor]], None]] = None,
-                   progress: bool = True) -> PassResult:
+                   progress: bool = True,
+                   quantized_head: Optional[Callable[[], torch.Tensor]] = None) -> PassResult:
     """Quantize every decoder layer of `ckpt` in order (see the module docstring). `on_layer(i, tensors)`
-    receives each layer's output tensors (GPTQ parts of every linear, fp16 norms), named as in the source."""
+    receives each layer's output tensors (GPTQ parts of every linear, fp16 norms), named as in the source.
+    `quantized_head()`, when given, returns the (V, C) lm_head the bundle holds (a q8 / q4 lm_head dequantized)
+    for the quantized model's perplexity; by default that is the fp16 lm_head."""
     from tqdm import tqdm
 
     dev = torch.device(device)
@@ -232,7 +235,8 @@ def run_sequential(ckpt: Checkpoint, spec: QuantSpec, *, method: str, calibratio
             head = stored.float().to(dev)
             nll_src = sum(_nll(h, ids, norm, head, eps) for h, ids in zip(hs_src, held))
             del head
-            norm, head = as_stored(norm), as_stored(stored).to(dev)
+            norm = as_stored(norm)
+            head = (as_stored(stored) if quantized_head is None else quantized_head().float()).to(dev)
             del stored
             nll_q = sum(_nll(h, ids, norm, head, eps) for h, ids in zip(hs_q, held))
             del head

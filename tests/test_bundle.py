@@ -17,7 +17,8 @@ from omni_edge.quantize.build import QuantizeOptions, quantize_checkpoint
 
 from tiny_hf import write_tiny_qwen2
 
-FAST = dict(nsamples=8, seqlen=64, heldout_max_tokens=48, progress=False)
+# lm_head fp16: these tests check the plain GPTQ layout (q8 / q4 lm_heads: tests/test_lm_head.py)
+FAST = dict(nsamples=8, seqlen=64, heldout_max_tokens=48, progress=False, lm_head="fp16")
 
 
 def quiet(_):

@@ -86,7 +86,8 @@ def check_weights(path, hf_model):
 def test_our_bundle_reads_in_gptqmodel(src, tmp_path, sym, act_order, static):
     out = tmp_path / "bundle"
     quantize_checkpoint(src, out, QuantizeOptions(group_size=32, sym=sym, act_order=act_order, static_groups=static,
-                                                  nsamples=8, seqlen=64, heldout=False, progress=False),
+                                                  nsamples=8, seqlen=64, heldout=False, progress=False,
+                                                  lm_head="fp16"),  # a plain GPTQ checkpoint
                         log=lambda s: None)
     model = GPTQModel.load(str(out), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
     check_weights(out, model.model)
@@ -99,7 +100,7 @@ def test_our_bundle_reads_in_transformers(src, tmp_path):
 
     out = tmp_path / "bundle"
     quantize_checkpoint(src, out, QuantizeOptions(group_size=32, nsamples=8, seqlen=64, heldout=False,
-                                                  progress=False), log=lambda s: None)
+                                                  progress=False, lm_head="fp16"), log=lambda s: None)
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float16)
     assert any(n.endswith("q_proj.qweight") for n, _ in model.named_buffers())  # read as a GPTQ model
     # transformers picks GPTQModel's aten kernel, which runs in bf16 on CPU

@@ -16,29 +16,40 @@
 //   h = h + down_proj(silu(gate_proj(x)) * up_proj(x))
 // and after the last layer out = rms_norm(h, model.norm).
 //
-// Linears are either 4-bit (oe_q4_weight, oe_q4_matmul_cpu in the mode the caller passes per step) or dense
-// (N, K) row-major fp32 with an optional fp32 bias (oe_gemv_f32_cpu below). Activations are fp32.
+// and, when the plan has an lm_head and the caller asks for them, logits (V) = lm_head(out) in fp32.
+//
+// Linears are 4-bit (oe_q4_weight, oe_q4_matmul_cpu in the mode the caller passes per step), dense (N, K)
+// row-major fp32 / fp16 / bf16 with an optional fp32 bias (oe_gemv_f32_cpu below, oe_gemv_cpu in gemv_lowp.h), or
+// int8 per row with fp16 scales per block of inputs (oe_gemv_q8_cpu, the `--lm-head q8` format). Activations
+// are fp32 whatever the weights' dtype: a 16-bit embedding / lm_head is read as stored, never copied to fp32.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 
 #include "common/oe.h"
+#include "decode/gemv_lowp.h"
 #include "q4/q4.h"
 
 extern "C" {
 
 typedef enum oe_decode_linear_kind {
+  OE_DECODE_NONE = 0,   // only for the config's lm_head: the plan computes no logits
   OE_DECODE_DENSE = 1,
   OE_DECODE_Q4 = 2,
+  OE_DECODE_Q8 = 3,
 } oe_decode_linear_kind;
 
 // One linear y (N) = W x (K) + b.
 typedef struct oe_decode_linear {
-  int kind;              // oe_decode_linear_kind
-  oe_q4_weight q4;       // OE_DECODE_Q4: the tiled 4-bit weight (its bias inside)
-  const float* weight;   // OE_DECODE_DENSE: (N, K) row-major fp32 (torch Linear layout)
-  const float* bias;     // OE_DECODE_DENSE: (N,) fp32 or NULL
-  int64_t N, K;          // out / in features (for q4: equal to q4.N / q4.K)
+  int kind;                  // oe_decode_linear_kind
+  oe_q4_weight q4;           // OE_DECODE_Q4: the tiled 4-bit weight (its bias inside)
+  const void* weight;        // OE_DECODE_DENSE: (N, K) row-major in `wdtype` (torch Linear layout);
+                             // OE_DECODE_Q8: (N, K) int8 codes
+  int wdtype;                // OE_DECODE_DENSE: OE_F32, OE_F16 or OE_BF16
+  const uint16_t* q8_scales; // OE_DECODE_Q8: (N, ceil(K / q8_block)) fp16 bits
+  int64_t q8_block;          // OE_DECODE_Q8: inputs per scale (K: one scale per row)
+  const float* bias;         // OE_DECODE_DENSE / Q8: (N,) fp32 or NULL
+  int64_t N, K;              // out / in features (for q4: equal to q4.N / q4.K)
 } oe_decode_linear;
 
 // Pointers of one decoder layer `model.layers.N`. Either qkv (packed W_pack) or q, k, v (split) is used.
@@ -68,6 +79,7 @@ typedef struct oe_decode_config {
   const float* cos;       // (S, D) rope table, fp32
   const float* sin;       // (S, D)
   const float* final_norm;// (C,) model.norm.weight
+  oe_decode_linear lm_head;// (V, C) lm_head.weight (or the tied embedding, or its q8 / q4 copy); kind 0: none
 } oe_decode_config;
 
 typedef struct oe_decode_plan oe_decode_plan;
@@ -83,6 +95,11 @@ void oe_decode_plan_destroy(oe_decode_plan* plan);
 // (OE_ERR_OUT_OF_RANGE otherwise, nothing written). q4_mode: OE_Q4_EXACT or OE_Q4_INT8. h_in and h_out may
 // be the same buffer.
 oe_status oe_decode_step_cpu(oe_decode_plan* plan, const float* h_in, float* h_out, int64_t pos, int q4_mode);
+
+// The same step, then logits (V,) fp32 = lm_head(h_out) when `logits` is not NULL (the plan must have an lm_head:
+// OE_ERR_INVALID_ARG otherwise). h_out may be NULL when only the logits are wanted.
+oe_status oe_decode_step_logits_cpu(oe_decode_plan* plan, const float* h_in, float* h_out, float* logits, int64_t pos,
+                                    int q4_mode);
 
 // Dense GEMV y (N) = W (N, K) row-major . x (K) + bias (N, or NULL), fp32, over the q4 thread pool, AVX-512 /
 // AVX2 / scalar by oe::isa_active().

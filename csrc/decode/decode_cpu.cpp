@@ -108,11 +108,21 @@ oe_status check_linear(const oe_decode_linear& l, int64_t layer, const char* nam
   if (l.kind == OE_DECODE_DENSE) {
     OE_CHECK(l.weight != nullptr, OE_ERR_INVALID_ARG, "decode plan: layer %lld %s: dense weight pointer is NULL",
              (long long)layer, name);
+    OE_CHECK(dtype_valid(l.wdtype), OE_ERR_INVALID_ARG,
+             "decode plan: layer %lld %s: dense weight dtype must be 0 (f32), 1 (f16) or 2 (bf16), got %d",
+             (long long)layer, name, l.wdtype);
+    return OE_OK;
+  }
+  if (l.kind == OE_DECODE_Q8) {
+    OE_CHECK(l.weight != nullptr && l.q8_scales != nullptr, OE_ERR_INVALID_ARG,
+             "decode plan: layer %lld %s: q8 codes and scales must not be NULL", (long long)layer, name);
+    OE_CHECK(l.q8_block >= 1, OE_ERR_INVALID_ARG, "decode plan: layer %lld %s: q8 block must be >= 1, got %lld",
+             (long long)layer, name, (long long)l.q8_block);
     return OE_OK;
   }
   OE_CHECK(l.kind == OE_DECODE_Q4, OE_ERR_INVALID_ARG,
-           "decode plan: layer %lld %s: kind must be %d (dense) or %d (q4), got %d", (long long)layer, name,
-           OE_DECODE_DENSE, OE_DECODE_Q4, l.kind);
+           "decode plan: layer %lld %s: kind must be %d (dense), %d (q4) or %d (q8), got %d", (long long)layer, name,
+           OE_DECODE_DENSE, OE_DECODE_Q4, OE_DECODE_Q8, l.kind);
   OE_CHECK(l.q4.N == N && l.q4.K == K, OE_ERR_INVALID_ARG,
            "decode plan: layer %lld %s: q4 weight is (K=%lld, N=%lld), expected (K=%lld, N=%lld)", (long long)layer,
            name, (long long)l.q4.K, (long long)l.q4.N, (long long)K, (long long)N);
@@ -146,7 +156,11 @@ inline void rope(float* v, int64_t heads, int64_t D, const float* c, const float
 
 inline oe_status linear_run(const oe_decode_linear& l, const float* x, float* y, int mode, oe_decode_plan* p) {
   if (l.kind == OE_DECODE_Q4) return oe_q4_matmul_cpu(&l.q4, x, OE_F32, 1, y, mode, p->q4_ws.data(), p->q4_ws.size());
-  gemv(l.weight, x, l.bias, l.N, l.K, y);
+  if (l.kind == OE_DECODE_Q8)
+    return oe_gemv_q8_cpu(static_cast<const int8_t*>(l.weight), l.q8_scales, l.q8_block, x, l.bias, l.N, l.K, y,
+                          mode);
+  if (l.wdtype != OE_F32) return oe_gemv_cpu(l.weight, l.wdtype, x, l.bias, l.N, l.K, y);
+  gemv(static_cast<const float*>(l.weight), x, l.bias, l.N, l.K, y);
   return OE_OK;
 }
 
@@ -157,7 +171,9 @@ constexpr int64_t kSerialLinearBytes = int64_t{1} << 20;
 
 inline oe_status linear(const oe_decode_linear& l, const float* x, float* y, int mode, oe_decode_plan* p) {
   const int threads = num_threads();
-  const int64_t bytes = l.kind == OE_DECODE_Q4 ? l.q4.Kp * l.q4.N / 2 : l.N * l.K * int64_t(sizeof(float));
+  const int64_t bytes = l.kind == OE_DECODE_Q4   ? l.q4.Kp * l.q4.N / 2
+                        : l.kind == OE_DECODE_Q8 ? l.N * l.K
+                                                 : l.N * l.K * int64_t(dtype_size(static_cast<oe_dtype>(l.wdtype)));
   if (threads <= 1 || bytes >= kSerialLinearBytes) return linear_run(l, x, y, mode, p);
   ScopedMaxThreads one(1);  // this call only: a concurrent caller keeps its threads
   return linear_run(l, x, y, mode, p);
@@ -189,6 +205,12 @@ extern "C" oe_status oe_decode_plan_create(const oe_decode_config* cfg, const oe
            "decode plan: expected %lld layer descriptors, got %lld", (long long)c.layers, (long long)n_layers);
   const int64_t C = c.hidden, qs = c.heads * c.head_dim, kvs = c.kv_heads * c.head_dim, I = c.intermediate;
   size_t ws = 0;
+  if (c.lm_head.kind != OE_DECODE_NONE) {  // reported as layer -1
+    const oe_status st = check_linear(c.lm_head, -1, "lm_head", c.lm_head.N, C, &ws);
+    if (st != OE_OK) return st;
+    OE_CHECK(c.lm_head.N >= 1, OE_ERR_INVALID_ARG, "decode plan: lm_head must have at least one row, got %lld",
+             (long long)c.lm_head.N);
+  }
   for (int64_t i = 0; i < n_layers; ++i) {
     const oe_decode_layer& L = layers[i];
     OE_CHECK(L.input_norm && L.post_norm && L.k_cache && L.v_cache, OE_ERR_INVALID_ARG,
@@ -236,8 +258,16 @@ extern "C" void oe_decode_plan_destroy(oe_decode_plan* plan) { delete plan; }
 
 extern "C" oe_status oe_decode_step_cpu(oe_decode_plan* p, const float* h_in, float* h_out, int64_t pos,
                                         int q4_mode) {
+  OE_CHECK(h_out != nullptr, OE_ERR_INVALID_ARG, "decode step: h_in and h_out must not be NULL");
+  return oe_decode_step_logits_cpu(p, h_in, h_out, nullptr, pos, q4_mode);
+}
+
+extern "C" oe_status oe_decode_step_logits_cpu(oe_decode_plan* p, const float* h_in, float* h_out, float* logits,
+                                               int64_t pos, int q4_mode) {
   OE_CHECK(p != nullptr, OE_ERR_INVALID_ARG, "decode step: plan is NULL");
-  OE_CHECK(h_in && h_out, OE_ERR_INVALID_ARG, "decode step: h_in and h_out must not be NULL");
+  OE_CHECK(h_in && (h_out || logits), OE_ERR_INVALID_ARG, "decode step: h_in and h_out must not be NULL");
+  OE_CHECK(!logits || p->cfg.lm_head.kind != OE_DECODE_NONE, OE_ERR_INVALID_ARG,
+           "decode step: logits asked for, but the plan was built without an lm_head");
   const oe_decode_config& c = p->cfg;
   OE_CHECK(pos >= 0 && pos < c.max_len, OE_ERR_OUT_OF_RANGE,
            "decode step: position %lld is outside the allocated cache [0, %lld); allocate a longer cache",
@@ -290,6 +320,8 @@ extern "C" oe_status oe_decode_step_cpu(oe_decode_plan* p, const float* h_in, fl
     if ((st = linear(L.down, p->gate, t, q4_mode, p)) != OE_OK) return st;
     for (int64_t i = 0; i < C; ++i) h[i] += t[i];
   }
-  rms_norm(h, c.final_norm, C, c.eps, h_out);
+  rms_norm(h, c.final_norm, C, c.eps, x);
+  if (h_out) std::memcpy(h_out, x, static_cast<size_t>(C) * sizeof(float));
+  if (logits) return linear(c.lm_head, x, logits, q4_mode, p);
   return OE_OK;
 }
