@@ -119,7 +119,7 @@ def tensor_bytes(obj) -> int:
     if isinstance(obj, Linear):
         if obj.qweight is not None:
             return tensor_bytes(obj.qweight)
-        return tensor_bytes(obj.weight) + (tensor_bytes(obj.bias) if obj.bias is not None else 0)
+        return obj.nbytes + (tensor_bytes(obj.bias) if obj.bias is not None else 0)  # dense or q8
     seen = {}
     for v in vars(obj).values() if hasattr(obj, "__dict__") else []:
         if isinstance(v, torch.Tensor):

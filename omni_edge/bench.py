@@ -171,7 +171,7 @@ def linear_bytes(lin) -> int:
     if lin.quantized:
         w = lin.qweight
         return w.nbytes + (0 if w.bias is None else 4 * w.out_features)
-    return _tensor_bytes(lin.weight) + _tensor_bytes(lin.bias)
+    return lin.nbytes + _tensor_bytes(lin.bias)  # dense or int8 (q8 lm_head) weight
 
 
 def decode_bytes(bb, keys: float) -> Dict[str, float]:
@@ -182,7 +182,9 @@ def decode_bytes(bb, keys: float) -> Dict[str, float]:
     for layer in bb.layers:
         weights += _tensor_bytes(layer.input_layernorm) + _tensor_bytes(layer.post_attention_layernorm)
         weights += sum(linear_bytes(lin) for lin in layer.linears.values())
-    elt = bb.embed_tokens.element_size()  # the cache holds K/V in the model dtype, as the embedding
+    import torch
+
+    elt = torch.empty((), dtype=bb.dtype).element_size()  # the cache holds K/V in the activation dtype
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elt * float(keys)
     return {"weights": float(weights), "kv": kv, "total": weights + kv}
 

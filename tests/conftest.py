@@ -92,3 +92,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _threads_switch_restored():
+    """A command run in-process with `--threads N` sets the OMNI_EDGE_THREADS switch for the whole process;
+    put it (and torch's thread count) back after every test so later tests see the default pool size."""
+    from omni_edge import knobs
+    import torch
+    before, torch_threads = knobs.settings().threads, torch.get_num_threads()
+    yield
+    if knobs.settings().threads != before:
+        knobs.set("threads", before)
+        torch.set_num_threads(torch_threads)

@@ -31,13 +31,14 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-def _expected_weight_bytes(cfg) -> int:
-    """fp32 bytes one decode step streams, counted from the config alone: per layer two norms, W_pack (+ bias),
-    o_proj, gate/up/down; then the final norm, the lm_head and one embedding row."""
+def _expected_weight_bytes(cfg, head_bytes: int) -> int:
+    """Bytes one decode step streams, counted from the config alone: per layer two norms, W_pack (+ bias),
+    o_proj, gate/up/down in fp32; then the final norm, and the lm_head and one embedding row in the stored
+    16-bit dtype they keep on the CPU (`head_bytes` per value)."""
     c, q, kv, i = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
     qkv = q + 2 * kv
     layer = 2 * c + qkv * c + (qkv if cfg.qkv_bias else 0) + c * q + 3 * i * c
-    return 4 * (cfg.num_hidden_layers * layer + c + cfg.vocab_size * c + c)
+    return 4 * (cfg.num_hidden_layers * layer + c) + head_bytes * (cfg.vocab_size * c + c)
 
 
 def test_bench_json(tiny_omni, capsys, restore_threads):
@@ -53,7 +54,7 @@ def test_bench_json(tiny_omni, capsys, restore_threads):
     # the middle pair, so compare with the min/max, which are exact reciprocals)
     assert r["decode_tok_s"]["max"] == pytest.approx(1e3 / r["decode_step_ms"]["min"], rel=1e-9)
     b = r["bytes_per_token"]
-    assert b["weights"] == _expected_weight_bytes(cfg)
+    assert b["weights"] == _expected_weight_bytes(cfg, 2)  # the tiny checkpoint stores bf16
     keys = 5 + (3 + 1) / 2  # mean keys attended over decode positions 5, 6, 7
     assert b["kv"] == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * keys
     assert b["total"] == b["weights"] + b["kv"]
