@@ -304,6 +304,7 @@ def peak_rss_bytes() -> int:
 def run_bench(path, *, device: str = "cpu", prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
               decode_tokens: int = DEFAULT_DECODE_TOKENS, threads: Optional[int] = None,
               repeats: int = DEFAULT_REPEATS, dtype: Optional[str] = None, quant: str = "none",
+              lm_head: Optional[str] = None,
               bandwidth_mb: int = DEFAULT_BANDWIDTH_MB, seed: int = 0) -> Dict[str, object]:
     """Load the model at `path` (pipeline.load: ModelLoadError, a ValueError, for a bad folder or device),
     benchmark its backbone and measure the bandwidth; returns the result dict that `--json` prints."""
@@ -323,9 +324,11 @@ def run_bench(path, *, device: str = "cpu", prompt_tokens: int = DEFAULT_PROMPT_
     if need > limit:
         raise ValueError(f"--prompt-tokens + --decode-tokens = {need} exceeds the model's context of {limit} "
                          f"positions (max_position_embeddings)")
-    model = pipeline.load(path, device=device, dtype=dtype, quant=quant, max_context=max(2, need), threads=threads)
+    model = pipeline.load(path, device=device, dtype=dtype, quant=quant, max_context=max(2, need), threads=threads,
+                          lm_head=lm_head)
     bb = model.backbone
     dev, dtype_used = bb.device, str(bb.dtype).replace("torch.", "")
+    model_lm_head = bb.lm_head.format
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     result = bench_backbone(bb, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, repeats=repeats, seed=seed)
@@ -346,7 +349,7 @@ def run_bench(path, *, device: str = "cpu", prompt_tokens: int = DEFAULT_PROMPT_
         "model": str(path), "device": str(dev), "hardware": hardware,
         "threads": threads or _pool_threads(),
         "dtype": dtype_used,
-        "quant": quant, "shape": {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+        "quant": quant, "lm_head": model_lm_head, "shape": {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
                                   "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
                                   "vocab": cfg.vocab_size},
         **result,
@@ -410,7 +413,7 @@ def format_table(r: Dict[str, object]) -> str:
                      "same reduction on L2-resident data" + (
                          ": the read above is bound by the loop, so it understates DRAM" if bound else "")))
     head = (f"omni-edge bench: {r['model']}\n"
-            f"device {r['device']} ({r['hardware']}), {r['threads']} thread(s), {r['dtype']}, quant {r['quant']}, "
+            f"device {r['device']} ({r['hardware']}), {r['threads']} thread(s), {r['dtype']}, quant {r['quant']}, lm_head {r['lm_head']}, "
             f"{sh['layers']} layers, hidden {sh['hidden']}, heads {sh['heads']}/{sh['kv_heads']}, vocab {sh['vocab']}\n"
             f"decode path: {r['decode_path']}\n")
     lines = ["| metric | median | min .. max | conditions |", "|---|---|---|---|"]
@@ -437,6 +440,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="activation / dense-weight dtype (default float32)")
     p.add_argument("--quant", choices=("none", "rtn4"), default="none",
                    help="rtn4: round the dense decoder linears to 4 bits at load (as chat --quant)")
+    p.add_argument("--lm-head", choices=("fp16", "bf16", "q8", "q4"), default=None,
+                   help="convert the lm_head at load: fp16/bf16, q8 (int8 per 32-input block) or q4 (4-bit, asym group 32); default: as stored")
     p.add_argument("--bandwidth-mb", type=cli_args.int_range(16, 1 << 16), default=DEFAULT_BANDWIDTH_MB,
                    metavar="MiB", help=f"bytes the bandwidth measurement reads (default {DEFAULT_BANDWIDTH_MB} MiB)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
@@ -448,7 +453,8 @@ def run(args) -> int:
     try:
         result = run_bench(args.model, device=args.device, prompt_tokens=args.prompt_tokens,
                            decode_tokens=args.decode_tokens, threads=args.threads, repeats=args.repeats,
-                           dtype=args.dtype, quant=args.quant, bandwidth_mb=args.bandwidth_mb)
+                           dtype=args.dtype, quant=args.quant, bandwidth_mb=args.bandwidth_mb,
+                           lm_head=args.lm_head)
     except ValueError as e:
         raise CliError(" ".join(str(e).split())) from None
     print(json.dumps(result, indent=1) if args.json else format_table(result))

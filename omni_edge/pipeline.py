@@ -328,9 +328,10 @@ def _open_weights(path: Path):
 
 
 def load(path, *, device="cpu", dtype=None, quant: str = "none", max_context: Optional[int] = None,
-         threads: Optional[int] = None, backend=None, vocoder=None) -> TextModel:
+         threads: Optional[int] = None, backend=None, vocoder=None, lm_head: Optional[str] = None) -> TextModel:
     """Open a checkpoint or bundle folder as a model with a KV cache of `max_context` positions (default
-    min(4096, max_position_embeddings)). `backend`: `--backend` values for the dense media stages
+    min(4096, max_position_embeddings)). `lm_head`: convert the lm_head at load ("fp16", "bf16", "q8", "q4";
+    default: as stored). `backend`: `--backend` values for the dense media stages
     ("auto", "torch", "onnx", "vision=onnx", ...; see omni_edge.backends); stages are built on first use.
     `vocoder`: the HiFT vocoder file for spoken replies (default: vocoder.safetensors or hift.pt in `path`)."""
     from omni_edge.backbone import Backbone
@@ -388,6 +389,8 @@ def load(path, *, device="cpu", dtype=None, quant: str = "none", max_context: Op
         kwargs = {"device": device, "quant": quant}
         if dtype is not None:
             kwargs["dtype"] = dtype
+        if lm_head is not None:
+            kwargs["lm_head"] = lm_head
         backbone = Backbone.from_checkpoint(ckpt, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{path}: {_one_line(e)}") from None

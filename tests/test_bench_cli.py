@@ -70,7 +70,7 @@ def test_bench_table(tiny_omni, capsys, restore_threads):
     assert code == 0, err
     lines = out.strip().splitlines()
     assert lines[0] == f"omni-edge bench: {tiny_omni}"
-    assert lines[1].startswith("device cpu (") and "1 thread(s), float32, quant none, 2 layers" in lines[1]
+    assert lines[1].startswith("device cpu (") and "1 thread(s), float32, quant none, lm_head bf16, 2 layers" in lines[1]
     assert lines[2].startswith("decode path: ")
     assert lines[3] == "| metric | median | min .. max | conditions |"
     rows = {line.split("|")[1].strip(): line for line in lines[5:]}
