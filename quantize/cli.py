@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-static-groups", dest="static_groups", action="store_false", default=None,
                    help="with --act-order: groups follow the processing order (a permuted g_idx, as GPTQModel's "
                         "desc_act without static_groups)")
+    p.add_argument("--no-group-order", dest="group_order", action="store_false", default=True,
+                   help="without --act-order: quantize columns in their natural order instead of group by group "
+                        "in decreasing Hessian-diagonal order (the default; same plain groups, lower error)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
@@ -76,6 +79,7 @@ def run(args) -> int:
                            nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, seed=args.seed,
                            force=args.force, heldout=args.heldout, progress=not args.quiet,
                            checkpoint_format=args.checkpoint_format, vocoder=args.vocoder,
+                           group_order=args.group_order,
                            **({} if args.lm_head is None else {"lm_head": args.lm_head}))
 
     def on_term(signum, frame):  # a kill still removes the partial output (via KeyboardInterrupt cleanup)
