@@ -22,7 +22,8 @@ Sections:
    Then a chat decode step taken apart (layers, lm_head, sampling with the chat defaults, detokenizing).
 4. A Qwen2.5-7B-shaped backbone (docs/MODEL.md §1.5: 28 layers, 3584 wide, GQA 28/4, MLP 18944, vocab 152064)
    with random 4-bit weights built layer by layer as GPTQ tensors (the dense 7B weights are never made),
-   dense embedding and lm_head in --seven-b-dtype, against llama.cpp on random-weight GGUFs of the same
+   activations in --seven-b-dtype, the lm_head in each of --seven-b-heads (fp16 as GPTQ releases store it, q8
+   as `omni-edge quantize` writes it by default), against llama.cpp on random-weight GGUFs of the same
    shapes (qwen2 architecture, Q4_0 and/or Q4_K_M with a Q6_K output as llama.cpp's quantizer makes them;
    written once with the gguf package straight from random blocks, kept in --gguf-dir). The runtimes run in
    interleaved rounds (ours, then each GGUF; --rounds, default 3), same thread count, medians over rounds.
@@ -145,7 +146,7 @@ def decode_bytes(bb, position: int) -> int:
 
 @torch.inference_mode()
 def bench_ours(bb, prompt_ids, steps: int, reps_prefill: int = 3, warmup: int = 1):
-    """Prefill tok/s (median of reps) and the list of decode step times (forward + logits + argmax + read)."""
+    """Prefill tok/s (median of reps) and the list of decode step times (decode_step + argmax + read)."""
     p = len(prompt_ids)
     if bb.max_len < p + steps + 1:
         bb.allocate_cache(p + steps + 1)
@@ -160,8 +161,8 @@ def bench_ours(bb, prompt_ids, steps: int, reps_prefill: int = 3, warmup: int = 
     step_t = []
     for i in range(steps):
         t0 = time.perf_counter()
-        h = bb.forward(tok, start=p + i)
-        nxt = torch.argmax(bb.logits(h[:, -1])[0])
+        _, logits = bb.decode_step(tok, start=p + i)  # as the chat loop: layers + lm_head in one step
+        nxt = torch.argmax(logits[0])
         int(nxt)
         step_t.append(time.perf_counter() - t0)
         tok = nxt.view(1, 1)
@@ -647,8 +648,8 @@ def seven_b(args, threads: int, kr, bw_read: float, results) -> None:
     kinds = [k for k in args.gguf.split(",") if k] if not args.skip_peers else []
     print(f"Qwen2.5-7B-shaped backbone (28 layers, 3584 wide, GQA 28/4, MLP 18944, vocab 152064), random weights; "
           f"prompt {P7} tokens, {N7} decode steps; {rounds} interleaved rounds, medians")
-    print(f"  omni-edge: GPTQ 4-bit g128 sym in the tiled layout, {args.seven_b_dtype} embedding / lm_head / "
-          "activations; llama.cpp: " + (", ".join(f"{k.upper()} GGUF (output Q6_K)" for k in kinds) or "not run"))
+    print(f"  omni-edge: GPTQ 4-bit g128 sym in the tiled layout, {args.seven_b_dtype} activations, lm_head "
+          f"{args.seven_b_heads}; llama.cpp: " + (", ".join(f"{k.upper()} GGUF (output Q6_K)" for k in kinds) or "not run"))
     if not native_q4:
         print("  q4 runs on the torch reference (dequantizes every weight on every call): expect seconds "
               "per token; the native kernels are the intended path")
@@ -668,11 +669,18 @@ def seven_b(args, threads: int, kr, bw_read: float, results) -> None:
         return
     t0 = time.perf_counter()
     bb = random_backbone(cfg, dtype=dtype, q4=True, progress=True)
+    heads = {}  # our lm_head formats, each measured in every round (the release layout keeps it fp16)
+    for fmt in [f for f in args.seven_b_heads.split(",") if f]:
+        bb.quantize_lm_head(fmt)
+        heads[fmt] = bb.lm_head
     build_s = time.perf_counter() - t0
     bb.allocate_cache(P7 + N7 + 8)
-    nbytes = decode_bytes(bb, P7 + N7 // 2)
+    nbytes = {}
+    for fmt, head in heads.items():
+        bb.set_lm_head(head)
+        nbytes[fmt] = decode_bytes(bb, P7 + N7 // 2)
     print(f"  built in {build_s:.0f} s; process RSS {rss_mb() / 1024:.1f} GB; our decode streams "
-          f"{nbytes / 1e9:.2f} GB/token as stored")
+          + ", ".join(f"{nb / 1e9:.2f} GB/token with a {fmt} lm_head" for fmt, nb in nbytes.items()))
     loaded = {}
     for kind, (path, _) in peers.items():
         t0 = time.perf_counter()
@@ -681,12 +689,14 @@ def seven_b(args, threads: int, kr, bw_read: float, results) -> None:
     prompt = [int(x) for x in torch.randint(0, 151643, (P7,), generator=torch.Generator().manual_seed(0))]
     c = cfg  # llama.cpp's f16 KV cache, read at the middle decode position
     kv16 = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (P7 + N7 // 2) * 2
-    runs = {"ours": ([], [])}
+    runs = {f"ours_{fmt}": ([], []) for fmt in heads}
     runs.update({k: ([], []) for k in loaded})
     for r in range(rounds):
-        pre, steps = bench_ours(bb, prompt, N7, reps_prefill=1, warmup=1 if (r == 0 and native_q4) else 0)
-        runs["ours"][0].append(pre)
-        runs["ours"][1].append(statistics.median(steps))
+        for fmt, head in heads.items():
+            bb.set_lm_head(head)
+            pre, steps = bench_ours(bb, prompt, N7, reps_prefill=1, warmup=1 if (r == 0 and native_q4) else 0)
+            runs[f"ours_{fmt}"][0].append(pre)
+            runs[f"ours_{fmt}"][1].append(statistics.median(steps))
         for kind, llm in loaded.items():
             if r == 0:
                 llm.run(prompt[:8], 2)  # warm-up (first-touch of the weights)
@@ -698,13 +708,16 @@ def seven_b(args, threads: int, kr, bw_read: float, results) -> None:
     header()
     med = {}
     for key, (pres, steps) in runs.items():
-        nb = nbytes if key == "ours" else peers[key][1] + kv16
-        name = "omni-edge q4 (native step)" if key == "ours" else f"llama.cpp {key.upper()} GGUF"
-        row(name, statistics.median(pres), steps, nb, bw_read, results, f"qwen7b_{'ours' if key == 'ours' else 'llama_cpp_' + key}")
+        ours = key.startswith("ours_")
+        nb = nbytes[key[5:]] if ours else peers[key][1] + kv16
+        name = f"omni-edge q4, {key[5:]} lm_head" if ours else f"llama.cpp {key.upper()} GGUF"
+        row(name, statistics.median(pres), steps, nb, bw_read, results,
+            f"qwen7b_{key if ours else 'llama_cpp_' + key}")
         med[key] = statistics.median(steps)
-    for kind in loaded:
-        print(f"  decode ours / llama.cpp {kind}: x{med[kind] / med['ours']:.2f} tok/s; prefill "
-              f"x{results['qwen7b_ours']['prefill_tok_s'] / results['qwen7b_llama_cpp_' + kind]['prefill_tok_s']:.2f}")
+    for fmt in heads:
+        for kind in loaded:
+            print(f"  decode ours ({fmt} lm_head) / llama.cpp {kind}: x{med[kind] / med['ours_' + fmt]:.2f} tok/s; "
+                  f"prefill x{results['qwen7b_ours_' + fmt]['prefill_tok_s'] / results['qwen7b_llama_cpp_' + kind]['prefill_tok_s']:.2f}")
     print("  (decode/s min-max: over the rounds' median steps; GB/s = bytes/token x tok/s; llama.cpp's bytes are "
           "its GGUF tensors but the embedding table, plus its f16 KV cache read)")
     print("  transformers: not run (dense weights: 15 GB in bf16, do not fit beside these models in 24 GB)")
@@ -712,8 +725,9 @@ def seven_b(args, threads: int, kr, bw_read: float, results) -> None:
     gc.collect()
     ov = overhead_ms(cfg, q4=True, dtype=dtype)
     results["qwen7b_overhead_ms"] = ov
+    first = med[f"ours_{next(iter(heads))}"]
     print(f"  per-step overhead (tiny-width twin, 28 layers): {ov:.2f} ms of the "
-          f"{med['ours'] * 1e3:.0f} ms step ({num(100 * ov / (med['ours'] * 1e3))}%)")
+          f"{first * 1e3:.0f} ms step ({num(100 * ov / (first * 1e3))}%)")
 
 
 def main() -> int:
@@ -728,8 +742,12 @@ def main() -> int:
                     help="7B prompt tokens (default 64 with native q4 kernels, 8 on the torch reference)")
     ap.add_argument("--seven-b-steps", type=int, default=None,
                     help="7B decode steps (default 16 with native q4 kernels, 3 on the torch reference)")
-    ap.add_argument("--seven-b-dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
-                    help="embedding / lm_head / activation dtype of the 7B backbone (default bfloat16)")
+    ap.add_argument("--seven-b-dtype", choices=("bfloat16", "float32", "float16"), default="float32",
+                    help="activation (and embedding) dtype of the 7B backbone (default float32: the native "
+                         "decode step's)")
+    ap.add_argument("--seven-b-heads", default="fp16,q8",
+                    help="our 7B lm_head formats, each measured every round (fp16 = the release layout; q8 = "
+                         "quantize's default), comma-separated from fp32, fp16, bf16, q8, q4")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved 7B rounds (ours, then each GGUF); medians")
     ap.add_argument("--gguf", default="q4_0",
                     help="llama.cpp GGUF kinds for the 7B shapes, comma-separated: q4_0, q4_k_m (default q4_0)")
@@ -775,9 +793,17 @@ def main() -> int:
         text = ("The quick brown fox jumps over the lazy dog. " * 64)
         prompt = model.tokenizer.encode(text)[:P]
         ours, ours_py = {}, {}
-        for quant in ("none", "rtn4"):
+        for quant, head in (("none", None), ("rtn4", None), ("rtn4", "q8")):
             m = model if quant == "none" else pipeline.load(path, dtype="float32", quant=quant,
-                                                            max_context=P + N + 8)
+                                                            max_context=P + N + 8, lm_head=head)
+            if head is not None:  # the lm_head format only: the native step, then on to the next model
+                pre, steps = bench_ours(m.backbone, prompt, N)
+                row(f"omni-edge fp32 rtn4, {head} lm_head", pre, steps, decode_bytes(m.backbone, P + N // 2),
+                    bw_read, results, f"smollm2_ours_{quant}_{head}_head")
+                results[f"smollm2_step_parts_ms_{quant}_{head}"] = parts = step_parts_ms(m, prompt, N)
+                print(f"  per-step parts ({quant}, {head} lm_head, native step): "
+                      + ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items()) + f" = {sum(parts.values()):.2f} ms")
+                continue
             for native in (True, False):  # the native decode step, then the Python layer loop it replaces
                 with decode_path(native):
                     pre, steps = bench_ours(m.backbone, prompt, N)

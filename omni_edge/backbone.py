@@ -557,8 +557,17 @@ class Backbone:
         else:
             dt = _HEAD_DTYPES[fmt]
             head = Linear(weight=w if w.dtype == dt else w.to(dt).contiguous(), bias=bias)
+        self.set_lm_head(head)
+
+    def set_lm_head(self, head: "Linear") -> None:
+        """Use `head` (a Linear of (vocab, hidden)) as the lm_head from the next step on (the native plan and
+        the CUDA step are rebuilt around it)."""
+        if (head.out_features, head.in_features) != (self.config.vocab_size, self.config.hidden_size):
+            raise ValueError(f"lm_head: expected ({self.config.vocab_size}, {self.config.hidden_size}), "
+                             f"got ({head.out_features}, {head.in_features})")
         self.lm_head = head
         self._plan = None  # rebuilt with the new lm_head at the next step
+        self._drop_device_step()
 
     # ---- cache --------------------------------------------------------------------------------
 
