@@ -440,8 +440,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="activation / dense-weight dtype (default float32)")
     p.add_argument("--quant", choices=("none", "rtn4"), default="none",
                    help="rtn4: round the dense decoder linears to 4 bits at load (as chat --quant)")
-    p.add_argument("--lm-head", choices=("fp16", "bf16", "q8", "q4"), default=None,
-                   help="convert the lm_head at load: fp16/bf16, q8 (int8 per 32-input block) or q4 (4-bit, asym group 32); default: as stored")
+    cli_args.add_lm_head(p)
     p.add_argument("--bandwidth-mb", type=cli_args.int_range(16, 1 << 16), default=DEFAULT_BANDWIDTH_MB,
                    metavar="MiB", help=f"bytes the bandwidth measurement reads (default {DEFAULT_BANDWIDTH_MB} MiB)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")

@@ -142,8 +142,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="activation / dense weight dtype (default: the backbone's choice for the device)")
     p.add_argument("--quant", choices=("none", "rtn4"), default="none",
                    help="rtn4: quantise dense backbone linears to 4-bit at load (round-to-nearest)")
-    p.add_argument("--lm-head", choices=("fp16", "bf16", "q8", "q4"), default=None,
-                   help="convert the lm_head at load: fp16/bf16, q8 (int8 per 32-input block) or q4 (4-bit, asym group 32); default: as stored")
+    cli_args.add_lm_head(p)
     p.add_argument("--max-context", type=cli_args.int_range(2, 1 << 24), metavar="N",
                    help="KV cache size in tokens (default 4096, capped by the model's max positions)")
     p.add_argument("--threads", type=cli_args.threads, metavar="N",

@@ -61,6 +61,13 @@ def add_threads(p: argparse.ArgumentParser, what: str = "") -> None:
                         f"process may use)")
 
 
+def add_lm_head(p: argparse.ArgumentParser) -> None:
+    """The `--lm-head FMT` option of the commands that load a model (pipeline.load(lm_head=...))."""
+    p.add_argument("--lm-head", choices=("fp16", "bf16", "q8", "q4"), default=None,
+                   help="convert the lm_head at load: fp16/bf16, q8 (int8 per 32-input block) or q4 (4-bit, asym "
+                        "group 32); default: as stored")
+
+
 def apply_threads(n: Optional[int]) -> None:
     """Make `--threads N` the size of the native kernels' CPU pool and of torch's intra-op threads (the
     OMNI_EDGE_THREADS switch, omni_edge/knobs.py); None leaves the switch as it is."""
