@@ -283,8 +283,8 @@ extern "C" oe_status oe_decode_step_logits_cpu(oe_decode_plan* p, const float* h
   std::memmove(h, h_in, static_cast<size_t>(C) * sizeof(float));
   p->length = static_cast<int32_t>(pos + 1);
   // Short contexts: attention reads little (under ~1 MB of K/V per layer) and runs on this thread alone; the
-  // kernel's OpenMP region would otherwise fork and join once per layer, and on cores shared with other work
-  // a join waits for a scheduler slice (see csrc/q4/q4_threads.cpp). Longer ones use every thread.
+  // pool would otherwise hand out and collect chunks once per layer, and on cores shared with other work a
+  // hand-off can wait for a scheduler slice (see csrc/common/pool.h). Longer ones use every thread.
   const int threads = num_threads();
   const bool serial_attn = threads > 1 && (pos + 1) * Hkv * D * 2 * int64_t(sizeof(float)) < kSerialAttnBytes;
   oe_status st;

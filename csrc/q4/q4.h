@@ -24,9 +24,9 @@
 //                rounding, so |y - y_exact| <= sum_k |W[k, n]| * d_block(k) / 2 (+ fp32 rounding).
 // CUDA computes in fp32 with exactly dequantized weights (the EXACT contract) whatever the mode.
 //
-// CPU threads: column tiles are split over the calling thread and a small work-claiming pool
-// (q4_threads.cpp) rather than an OpenMP region, so a call never waits for a thread that has not started
-// (on cores shared with other work an OpenMP fork/join waited for a scheduler slice on most decode calls).
+// CPU threads: column tiles are split over the calling thread and the one work-claiming pool every kernel
+// family shares (csrc/common/pool.h), so a call never waits for a thread that has not started (on cores shared
+// with other work an OpenMP fork/join waited for a scheduler slice on most decode calls).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -132,7 +132,7 @@ struct Prep {
 using TileFn = void (*)(const oe_q4_weight& w, int64_t t, const Prep& p, int64_t m0, float* out);
 
 // Runs fn(ctx, c) for c in [0, chunks) on the calling thread plus up to num_threads() - 1 pool workers and
-// returns when every chunk is done, waiting only for chunks a thread has started (csrc/q4/q4_threads.cpp).
+// returns when every chunk is done, waiting only for chunks a thread has started (csrc/common/pool.h).
 using ChunkFn = void (*)(void* ctx, int64_t chunk);
 void parallel_chunks(int64_t chunks, ChunkFn fn, void* ctx);
 
