@@ -165,9 +165,11 @@ inline oe_status linear_run(const oe_decode_linear& l, const float* x, float* y,
 }
 
 // Small weights (under kSerialLinearBytes streamed) run on the calling thread: splitting a ~0.2 MB GEMV over
-// the pool costs more in hand-offs than it saves (measured on SmolLM2-135M's 4-bit layers, 2 threads on a shared
-// 2-core machine: 6.9 ms median per step threaded vs 3.3 ms on one thread). Larger ones use every thread.
-constexpr int64_t kSerialLinearBytes = int64_t{1} << 20;
+// the pool costs more in hand-offs than it saves. Larger ones use every thread. At 1 MB (chosen when the pool
+// was one job at a time) every SmolLM2-135M linear ran on one thread; at 256 KB its 0.44 MB gate / up / down
+// use both: rtn4 + q8 lm_head decode 69-70 -> 73-76 tok/s, 2 threads, quiet 2-core AVX2 machine, interleaved
+// runs of `omni-edge bench`.
+constexpr int64_t kSerialLinearBytes = int64_t{1} << 18;
 
 inline oe_status linear(const oe_decode_linear& l, const float* x, float* y, int mode, oe_decode_plan* p) {
   const int threads = num_threads();
