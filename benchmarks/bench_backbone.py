@@ -3,6 +3,7 @@
     python benchmarks/bench_backbone.py                 # everything (10+ minutes; the 7B GGUF is written once)
     python benchmarks/bench_backbone.py --skip-7b       # SmolLM2 only (a few minutes)
     python benchmarks/bench_backbone.py --skip-smollm2 --gguf q4_0,q4_k_m   # 7B, both llama.cpp formats
+    python benchmarks/bench_backbone.py --device cuda   # on a GPU: the CUDA-graph decode step, % of device bandwidth
 
 Sections:
 
@@ -730,6 +731,65 @@ def seven_b(args, threads: int, kr, bw_read: float, results) -> None:
           f"{first * 1e3:.0f} ms step ({num(100 * ov / (first * 1e3))}%)")
 
 
+def on_device(bb, device, dtype):
+    """A copy of a CPU Backbone on `device`: 4-bit weights moved as they are, dense tensors cast to `dtype`."""
+    from omni_edge.backbone import Backbone, DecoderLayer, Linear
+
+    def move(t):
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    def lin(x):
+        return Linear(qweight=x.qweight.to(device)) if x.quantized else Linear(weight=move(x.weight), bias=move(x.bias))
+
+    layers = [DecoderLayer(bb.config, layer.index, {k: lin(v) for k, v in layer.linears.items()},
+                           move(layer.input_layernorm), move(layer.post_attention_layernorm)) for layer in bb.layers]
+    return Backbone(bb.config, move(bb.embed_tokens), layers, move(bb.norm), lin(bb.lm_head))
+
+
+def cuda(args, results) -> int:
+    """--device cuda: our decode on the GPU (the captured CUDA-graph step; omni_edge.bench's CUDA-event timing),
+    SmolLM2 rtn4 and the 7B-shaped random 4-bit backbone in fp16, against the device-to-device copy bandwidth
+    measured in the same run; the graph step against the eager step (OMNI_EDGE_CUDA_GRAPH=0) in the same run."""
+    from omni_edge import bench as ob
+    from omni_edge import pipeline
+
+    if not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA GPU on this machine", file=sys.stderr)
+        return 2
+    dev = torch.device(args.device)
+    bw = ob.cuda_copy_bandwidth(dev)
+    results["cuda_bandwidth"] = bw
+    print(f"{torch.cuda.get_device_name(dev)}: device copy bandwidth {bw['median']:.0f} GB/s (read + write, CUDA "
+          "events); '% BW' below is of it")
+    P, N = args.prompt_tokens, args.decode_tokens
+
+    def report(name, bb, key):
+        r = ob.bench_backbone(bb, prompt_tokens=P, decode_tokens=N)
+        gbs = r["bytes_per_token"]["total"] * r["decode_tok_s"]["median"] / 1e9
+        results[key] = r
+        eager = r.get("decode_tok_s_eager", {}).get("median")
+        print(f"  {name}: prefill {r['prefill_tok_s']['median']:.0f} tok/s, TTFT {r['ttft_ms']['median']:.1f} ms, "
+              f"decode {r['decode_tok_s']['median']:.1f} tok/s ({gbs:.0f} GB/s, {100 * gbs / bw['median']:.0f}% BW)"
+              + (f"; eager step {eager:.1f} tok/s" if eager else "") + f"; {r['decode_path']}")
+
+    if not args.skip_smollm2:
+        from smollm2_weights import smollm2_checkpoint  # tests/ (see _TESTS)
+
+        m = pipeline.load(smollm2_checkpoint(), device=str(dev), dtype="float16", quant="rtn4",
+                          max_context=P + N + 8)
+        report("SmolLM2-135M rtn4, fp16", m.backbone, "cuda_smollm2_rtn4")
+        del m
+    if not args.skip_7b:
+        cfg = backbone_config(**QWEN25_7B)
+        bb = on_device(random_backbone(cfg, dtype=torch.float16, q4=True, progress=True), dev, torch.float16)
+        gc.collect()
+        bb.allocate_cache(P + N + 8)
+        report("Qwen2.5-7B shapes, GPTQ 4-bit g128, fp16", bb, "cuda_qwen7b")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
@@ -753,8 +813,13 @@ def main() -> int:
                     help="llama.cpp GGUF kinds for the 7B shapes, comma-separated: q4_0, q4_k_m (default q4_0)")
     ap.add_argument("--gguf-dir", default=None, help="where the random GGUFs are written once and kept "
                     "(default: the temp dir)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default: every section with its peers) or cuda[:N] (our decode on the GPU: CUDA "
+                         "graph step, CUDA events, % of the measured device bandwidth)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args()
+    if args.device != "cpu":
+        return cuda(args, {"conditions": {"device": args.device, "date": time.strftime("%Y-%m-%d %H:%M")}})
 
     from omni_edge import _native
     from omni_edge.pipeline import kernel_report, set_threads
