@@ -25,7 +25,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +32,9 @@ import torch
 _TESTS = Path(__file__).resolve().parents[1] / "tests"  # the SmolLM2 converter lives with the tests
 if str(_TESTS) not in sys.path:
     sys.path.insert(0, str(_TESTS))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the timing helpers of bench_backbone.py
+
+from bench_backbone import med_min_max, timed  # noqa: E402
 
 FORMATS = ("fp32", "fp16", "bf16", "q8", "q8row", "q4")
 FACTS = [  # (prompt, any of these substrings counts as correct, case-insensitive); as bench_gptq_quality.py
@@ -45,19 +47,6 @@ FACTS = [  # (prompt, any of these substrings counts as correct, case-insensitiv
 ]
 
 
-def med_min_max(ts):
-    return statistics.median(ts), min(ts), max(ts)
-
-
-def timed(fn, reps: int, warmup: int = 2):
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,11 +88,11 @@ def bench_gemv(shapes, reps: int):
         for fmt in FORMATS:
             head = random_head(fmt, n, k, gen)
             call = (lambda h=head: h(x)) if fmt != "q4" else (lambda h=head: q4.matmul(x, h.qweight))
-            ts = timed(call, reps)
+            ts = timed(call, reps, warmup=2)
             med, lo, hi = med_min_max(ts)
             if fmt == "fp32":  # the peer: torch's own fp32 GEMV on the same fp32 matrix
                 w = head.weight
-                pt = timed(lambda: torch.nn.functional.linear(x, w), reps)
+                pt = timed(lambda: torch.nn.functional.linear(x, w), reps, warmup=2)
                 peer = statistics.median(pt)
             rows.append((label, fmt, head.nbytes, med, lo, hi, head.nbytes / med / 1e9, peer / med))
             del head, call

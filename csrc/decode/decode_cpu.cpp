@@ -8,6 +8,7 @@
 #include "attention/attention.h"
 #include "common/cpu_features.h"
 #include "decode/decode.h"
+#include "decode/gemv_lowp.h"
 
 namespace oe {
 namespace decode {
@@ -40,32 +41,10 @@ GemvRowsFn pick_gemv() {
   return f ? f : gemv_rows_scalar;
 }
 
-struct GemvCall {
-  GemvRowsFn fn;
-  const float* W;
-  const float* x;
-  const float* bias;
-  float* y;
-  int64_t N, K, rows;
-};
-
-void gemv_chunk(void* ctx, int64_t c) {
-  const GemvCall& g = *static_cast<const GemvCall*>(ctx);
-  const int64_t n0 = c * g.rows;
-  const int64_t n1 = n0 + g.rows < g.N ? n0 + g.rows : g.N;
-  g.fn(g.W, g.x, g.K, n0, n1, g.y);
-  if (g.bias)
-    for (int64_t n = n0; n < n1; ++n) g.y[n] += g.bias[n];
-}
-
-// y = W x + bias over the q4 pool: chunks of whole 4-row groups, about four per thread, at least 16 rows.
+// y = W x + bias over the pool: chunks of whole 4-row groups, about four per thread, at least 16 rows.
 void gemv(const float* W, const float* x, const float* bias, int64_t N, int64_t K, float* y) {
-  const int64_t threads = num_threads();
-  int64_t rows = (N + 4 * threads - 1) / (4 * threads);
-  rows = (rows + 3) / 4 * 4;
-  if (rows < 16) rows = 16;
-  GemvCall g{pick_gemv(), W, x, bias, y, N, K, rows};
-  q4::parallel_chunks((N + rows - 1) / rows, gemv_chunk, &g);
+  const GemvRowsFn fn = pick_gemv();
+  parallel_rows(N, 4, 16, bias, y, [&](int64_t n0, int64_t n1) { fn(W, x, K, n0, n1, y); });
 }
 
 }  // namespace

@@ -63,34 +63,6 @@ LowpRowsFn pick(WKind kind) {
   return f ? f : lowp_rows_scalar(kind);
 }
 
-struct CallI8 {
-  Q8I8RowsFn fn;
-  const int8_t* W;
-  const uint16_t* scales;
-  int64_t G, B;
-  const int8_t* xq;
-  const float* xd;
-  const float* bias;
-  float* y;
-  int64_t N, K, rows;
-};
-
-void chunk_i8(void* ctx, int64_t c) {
-  const CallI8& g = *static_cast<const CallI8*>(ctx);
-  const int64_t n0 = c * g.rows;
-  const int64_t n1 = n0 + g.rows < g.N ? n0 + g.rows : g.N;
-  g.fn(g.W, g.scales, g.G, g.B, g.xq, g.xd, g.K, n0, n1, g.y);
-  if (g.bias)
-    for (int64_t n = n0; n < n1; ++n) g.y[n] += g.bias[n];
-}
-
-int64_t chunk_rows(int64_t N) {
-  const int64_t threads = num_threads();
-  int64_t rows = (N + 8 * threads - 1) / (8 * threads);
-  rows = (rows + 3) / 4 * 4;
-  return rows < 64 ? 64 : rows;
-}
-
 // The quantized activations of the calling thread (grown once to the largest K seen; a step allocates nothing).
 struct ActBuffer {
   std::vector<int8_t> xq;
@@ -98,35 +70,11 @@ struct ActBuffer {
 };
 thread_local ActBuffer t_act;
 
-struct Call {
-  LowpRowsFn fn;
-  const void* W;
-  const uint16_t* scales;
-  int64_t G, B;
-  const float* x;
-  const float* bias;
-  float* y;
-  int64_t N, K, rows;
-};
-
-void chunk(void* ctx, int64_t c) {
-  const Call& g = *static_cast<const Call*>(ctx);
-  const int64_t n0 = c * g.rows;
-  const int64_t n1 = n0 + g.rows < g.N ? n0 + g.rows : g.N;
-  g.fn(g.W, g.scales, g.G, g.B, g.x, g.K, n0, n1, g.y);
-  if (g.bias)
-    for (int64_t n = n0; n < n1; ++n) g.y[n] += g.bias[n];
-}
-
-// Chunks of whole 4-row groups, about eight per thread (a vocabulary-sized GEMV is long enough for the pool's
-// dynamic hand-out to even out a core that another process slows), at least 64 rows each.
-void run(Call& c) {
-  const int64_t threads = num_threads();
-  int64_t rows = (c.N + 8 * threads - 1) / (8 * threads);
-  rows = (rows + 3) / 4 * 4;
-  if (rows < 64) rows = 64;
-  c.rows = rows;
-  q4::parallel_chunks((c.N + rows - 1) / rows, chunk, &c);
+// Chunks of about eight per thread (a vocabulary-sized GEMV is long enough for the pool's dynamic hand-out to
+// even out a core that another process slows), at least 64 rows each.
+void run(LowpRowsFn fn, const void* W, const uint16_t* scales, int64_t G, int64_t B, const float* x,
+         const float* bias, float* y, int64_t N, int64_t K) {
+  parallel_rows(N, 8, 64, bias, y, [&](int64_t n0, int64_t n1) { fn(W, scales, G, B, x, K, n0, n1, y); });
 }
 
 }  // namespace
@@ -178,8 +126,7 @@ extern "C" oe_status oe_gemv_cpu(const void* W, int wdtype, const float* x, cons
            (long long)K);
   if (N == 0) return OE_OK;
   OE_CHECK(y && (K == 0 || (W && x)), OE_ERR_INVALID_ARG, "gemv: W, x and y must not be NULL");
-  Call c{pick(wdtype == OE_F16 ? WKind::F16 : WKind::BF16), W, nullptr, 1, K > 0 ? K : 1, x, bias, y, N, K, 0};
-  run(c);
+  run(pick(wdtype == OE_F16 ? WKind::F16 : WKind::BF16), W, nullptr, 1, K > 0 ? K : 1, x, bias, y, N, K);
   return OE_OK;
 }
 
@@ -206,11 +153,12 @@ extern "C" oe_status oe_gemv_q8_cpu(const int8_t* q, const uint16_t* scales, int
       return fail(OE_ERR_NO_MEMORY, "gemv q8: out of memory for %lld quantized activations", (long long)K);
     }
     q4::quantize_blocks_scalar(x, nb, a.xq.data(), a.xd.data(), a.xds.data());
-    CallI8 c{pick_q8i8(), q, scales, G, block, a.xq.data(), a.xd.data(), bias, y, N, K, chunk_rows(N)};
-    q4::parallel_chunks((N + c.rows - 1) / c.rows, chunk_i8, &c);
+    const Q8I8RowsFn fn = pick_q8i8();
+    parallel_rows(N, 8, 64, bias, y, [&](int64_t n0, int64_t n1) {
+      fn(q, scales, G, block, a.xq.data(), a.xd.data(), K, n0, n1, y);
+    });
     return OE_OK;
   }
-  Call c{pick(WKind::Q8), q, scales, G, block, x, bias, y, N, K, 0};
-  run(c);
+  run(pick(WKind::Q8), q, scales, G, block, x, bias, y, N, K);
   return OE_OK;
 }

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "common/oe.h"
+#include "common/pool.h"
 
 extern "C" {
 
@@ -31,6 +32,23 @@ oe_status oe_gemv_q8_cpu(const int8_t* q, const uint16_t* scales, int64_t block,
 
 namespace oe {
 namespace decode {
+
+// The rows of a GEMV y = W x (+ bias) split over the shared pool: chunks of whole 4-row groups, about
+// `per_thread` chunks per thread and at least `min_rows` rows each; rows_fn(n0, n1) writes y[n0, n1), then the
+// bias is added to those rows.
+template <class F>
+void parallel_rows(int64_t N, int64_t per_thread, int64_t min_rows, const float* bias, float* y, const F& rows_fn) {
+  const int64_t parts = per_thread * num_threads();
+  int64_t rows = (N + parts - 1) / parts;
+  rows = (rows + 3) / 4 * 4;
+  if (rows < min_rows) rows = min_rows;
+  parallel_for((N + rows - 1) / rows, [&](int64_t c) {
+    const int64_t n0 = c * rows, n1 = n0 + rows < N ? n0 + rows : N;
+    rows_fn(n0, n1);
+    if (bias)
+      for (int64_t n = n0; n < n1; ++n) y[n] += bias[n];
+  });
+}
 
 // Weight element kinds of the generic rows kernels.
 enum class WKind : int { F16 = 0, BF16 = 1, Q8 = 2 };
