@@ -110,7 +110,7 @@ t = time.time()
 qc = QuantizeConfig(bits=4, group_size=a["group_size"], sym=a["sym"], desc_act=a["act_order"],
                     static_groups=a["act_order"] and a["static"],
                     act_group_aware=a["group_order"] and not a["act_order"], damp_percent=a["damp"],
-                    true_sequential=True, mse=0.0, format="gptq" if a["sym"] else "gptq_v2")
+                    true_sequential=True, mse=a["mse"], format="gptq" if a["sym"] else "gptq_v2")
 model = GPTQModel.load(a["src"], qc, device="cpu", dtype=torch.float32)
 model.quantize([{"input_ids": s, "attention_mask": [1] * len(s)} for s in a["samples"]], batch_size=1)
 model.save(a["out"])
@@ -158,6 +158,10 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=None, help="calibration texts (default: all 64 built-in)")
     p.add_argument("--group-stats", choices=("current", "block"), default=None,
                    help="our GPTQ's group statistics (default: QuantSpec's)")
+    p.add_argument("--clip", choices=("none", "mse", "hessian"), default=None,
+                   help="our GPTQ's grid search (default: QuantSpec's)")
+    p.add_argument("--gm-mse", type=float, default=0.0, help="GPTQModel's mse grid search (0 = off, its default; "
+                   "2.4 = the reference's search, as our --clip mse)")
     p.add_argument("--no-static-groups", dest="static", action="store_false",
                    help="with --act-order: groups in processing order on both sides")
     p.add_argument("--gptq-python", default=os.environ.get("GPTQMODEL_PYTHON", sys.executable),
@@ -233,6 +237,8 @@ def main(argv=None) -> int:
                         seqlen=args.seqlen, seed=args.seed, heldout=False, progress=False)
             if method == "gptq" and args.group_stats:
                 opts["group_stats"] = args.group_stats
+            if method == "gptq" and args.clip:
+                opts["clip"] = args.clip
             if method == "gptq":
                 opts["group_order"] = args.group_order
             timings[method] = run_child(sys.executable, OURS_CHILD, {"src": src, "out": out, "opts": opts},
@@ -248,7 +254,7 @@ def main(argv=None) -> int:
             try:
                 timings["gptqmodel"] = run_child(args.gptq_python, GPTQMODEL_CHILD, {
                     "src": src, "out": out, "group_size": gs, "sym": cfg["sym"], "act_order": cfg["act_order"],
-                    "static": cfg["static"], "damp": args.damp, "group_order": args.group_order,
+                    "static": cfg["static"], "damp": args.damp, "mse": args.gm_mse, "group_order": args.group_order,
                     "samples": calib.samples}, args.threads)
             except RuntimeError as e:
                 print(f"GPTQModel column skipped: {' '.join(str(e).split())[:300]}")

@@ -73,7 +73,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_edge.config import ModelConfig
-from omni_edge.flow import CHUNK, CfmStream, Estimator, StepCache, attention, cached_kv, cfm_solve, fused_qkv
+from omni_edge.flow import (CHUNK, CfmStream, Estimator, StepCache, attention, cached_kv, cfm_solve, chunked,
+                            fused_qkv)
 from omni_edge.ops import rvq
 
 N_MELS = 80
@@ -435,12 +436,12 @@ class SpeechDecoder(nn.Module):
 
     @torch.no_grad()
     def cfm(self, mu: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """mu, noise (1, 80, T) -> mel (1, 80, T) in mu's dtype: chunk by chunk in torch (`CfmStream`, the
-        same values as one masked pass), one pass through an ONNX estimator."""
-        if self.estimator_fn is self.estimator:
-            return self.cfm_stream().run(mu, noise, keep=True)
+        """mu, noise (1, 80, T) -> mel (1, 80, T) in mu's dtype: in torch each Euler step runs the clause chunk
+        by chunk (`flow.chunked`: the same values as one masked pass, no frame computed twice), through an
+        ONNX estimator one masked pass per step."""
         p = self.params
-        return cfm_solve(self.estimator_fn, mu, noise, p.n_steps, p.cfg_rate, p.scheduler)
+        fn = chunked(self.estimator) if self.estimator_fn is self.estimator else self.estimator_fn
+        return cfm_solve(fn, mu, noise, p.n_steps, p.cfg_rate, p.scheduler)
 
 
 def decode_clause(speech: SpeechDecoder, vocoder, codes, noise=None, *, seed: int = 0, fade: bool = True,

@@ -80,6 +80,7 @@ class QuantizeOptions:
     damp: float = 0.01
     group_stats: str = "block"  # QuantSpec.group_stats
     group_order: bool = True  # QuantSpec.group_order (without act_order): same groups, better column order
+    clip: str = "hessian"  # QuantSpec.clip: grid search of each group's range (GPTQ only)
     method: str = "gptq"  # "gptq" | "rtn"
     calib: Optional[str] = None  # JSON-lines file; None = the built-in set
     nsamples: Optional[int] = None  # None: the calibration set's default (calibration.DEFAULT_NSAMPLES)
@@ -102,7 +103,8 @@ class QuantizeOptions:
         act_order = self.act_order and self.method == "gptq"  # RTN has no column order: recorded as desc_act off
         return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=act_order,
                          static_groups=self.static_groups if act_order else None, damp=self.damp,
-                         group_stats=self.group_stats, group_order=self.group_order and self.method == "gptq")
+                         group_stats=self.group_stats, group_order=self.group_order and self.method == "gptq",
+                         clip=self.clip if self.method == "gptq" else "none")
 
 
 def _check_paths(src: Path, out: Path) -> None:
@@ -447,7 +449,7 @@ def quantize_checkpoint(src, out, opts: QuantizeOptions, *, log: Callable[[str],
                 "method": opts.method, "bits": spec.bits, "group_size": spec.group_size,
                 "group_size_requested": asked_gs, "group_size_note": group_note, "sym": spec.sym,
                 "desc_act": spec.act_order, "static_groups": spec.uses_static_groups, "damp_percent": spec.damp,
-                "block_size": spec.block_size, "group_stats": spec.group_stats,
+                "block_size": spec.block_size, "group_stats": spec.group_stats, "clip": spec.clip,
                 "group_order": spec.group_order and not spec.act_order, "true_sequential": True,
                 "checkpoint_format": opts.format,
                 "quantized": "every decoder-layer linear (q/k/v or W_pack, o_proj, gate_proj, up_proj, down_proj)"

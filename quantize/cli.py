@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-group-order", dest="group_order", action="store_false", default=True,
                    help="without --act-order: quantize columns in their natural order instead of group by group "
                         "in decreasing Hessian-diagonal order (the default; same plain groups, lower error)")
+    p.add_argument("--clip", choices=("hessian", "mse", "none"), default="hessian",
+                   help="grid search of each group's range: hessian (default; shrink the min/max range where that "
+                        "lowers the group's squared error weighted by what GPTQ pays per column), mse (GPTQ's "
+                        "reference search, |error|^2.4 unweighted, GPTQModel's mse=2.4) or none (min/max)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
@@ -79,7 +83,7 @@ def run(args) -> int:
                            nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, seed=args.seed,
                            force=args.force, heldout=args.heldout, progress=not args.quiet,
                            checkpoint_format=args.checkpoint_format, vocoder=args.vocoder,
-                           group_order=args.group_order,
+                           group_order=args.group_order, clip=args.clip,
                            **({} if args.lm_head is None else {"lm_head": args.lm_head}))
 
     def on_term(signum, frame):  # a kill still removes the partial output (via KeyboardInterrupt cleanup)

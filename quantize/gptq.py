@@ -41,6 +41,10 @@ __all__ = ["QuantSpec", "QuantResult", "HessianAccumulator", "grid_params", "gpt
            "quantize_layer", "output_error"]
 
 
+CLIP_CHOICES = ("none", "mse", "hessian")
+CLIP_GRID, CLIP_MAXSHRINK, CLIP_NORM = 100, 0.8, 2.4  # the GPTQ reference's Quantizer(mse=True) search
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one linear layer is quantized. `static_groups=None` means: static groups exactly when act_order."""
@@ -61,6 +65,13 @@ class QuantSpec:
     # holds the same input rows as without it (g_idx = k // group_size), so the checkpoint and the kernels
     # are those of a plain grouped layer.
     group_order: bool = True
+    # Grid search (clipping) of each group's grid: "none" = the min/max grid; "mse" = GPTQ's grid search
+    # (reference code and GPTQModel `mse=2.4`): shrink the range by p = 1, 0.99, ..., 0.2 and keep, per output
+    # row, the grid with the least sum |q(w) - w|^2.4 over the group; "hessian" = the same shrink factors, each
+    # column's squared error weighted by what GPTQ pays for it, 1 / [H^-1]_kk (the Cholesky factor's diagonal
+    # squared, in processing order). "hessian" is the default: on SmolLM2 (group 32 sym) it takes the held-out
+    # perplexity from 27.09 to 23.86 (fp32 20.45; README "GPTQ against GPTQModel").
+    clip: str = "hessian"
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4, 8):
@@ -71,6 +82,8 @@ class QuantSpec:
             raise ValueError(f"damp: expected a fraction in [0, 1), got {self.damp}")
         if self.block_size <= 0:
             raise ValueError(f"block_size: expected a positive size, got {self.block_size}")
+        if self.clip not in CLIP_CHOICES:
+            raise ValueError(f"clip: expected one of {', '.join(CLIP_CHOICES)}, got {self.clip!r}")
         if self.group_stats not in ("current", "block"):
             raise ValueError(f"group_stats: expected 'current' or 'block', got {self.group_stats!r}")
 
@@ -112,6 +125,50 @@ class QuantResult:
 def grid_params(wmin: torch.Tensor, wmax: torch.Tensor, *, bits: int = 4, sym: bool):
     """The grid of omni_edge.ops.q4.grid_params (the single implementation, shared with the runtime's RTN)."""
     return q4.grid_params(wmin, wmax, sym=sym, bits=bits)
+
+
+def search_grid(w: torch.Tensor, *, bits: int, sym: bool, clip: str = "none",
+                weights: Optional[torch.Tensor] = None):
+    """Grid of each row of w (N, gs): the min/max grid, or with clip "mse"/"hessian" the best of the shrunk
+    ranges p * [min, max], p in [1 - CLIP_MAXSHRINK, 1] (see QuantSpec.clip), searched coarse to fine: p = 1,
+    0.95, ..., 0.2, then the best one +- 0.04 in steps of 0.01 (25 grids tried instead of all 81 steps of
+    0.01; the same result on SmolLM2's layers within noise). weights (gs,): the column weights of "hessian".
+    Returns fp32 (scale, zero), each (N,)."""
+    wmin, wmax = w.amin(dim=1), w.amax(dim=1)
+    if clip == "none":
+        return grid_params(wmin, wmax, bits=bits, sym=sym)
+    n = w.shape[0]
+    lo = 1.0 - CLIP_MAXSHRINK
+    fine_step = 1.0 / CLIP_GRID
+
+    def best_of(p):  # p (C, 1) or (C, N) shrink factors -> (chosen p (N,), scale (N,), zero (N,))
+        step = max(1, (1 << 22) // max(1, w.numel()))  # grids per pass: about 4 M values at a time
+        best = p_best = s_best = z_best = None
+        for c0 in range(0, p.shape[0], step):
+            pc = p[c0:c0 + step]
+            s, z = grid_params(pc * wmin, pc * wmax, bits=bits, sym=sym)  # (C, N)
+            s3, z3 = s.unsqueeze(2), z.unsqueeze(2)
+            d = s3 * (q4.quantize_codes(w, s3, z3, bits=bits) - z3) - w  # (C, N, gs)
+            e = d.abs_().pow_(CLIP_NORM).sum(dim=2) if clip == "mse" else (d.square_() * weights).sum(dim=2)
+            i = e.argmin(dim=0, keepdim=True)  # the first of equal costs: the widest range
+            e = e.gather(0, i)[0]
+            pi = pc.expand(-1, n).gather(0, i)[0]
+            si, zi = s.gather(0, i)[0], z.gather(0, i)[0]
+            if best is None:
+                best, p_best, s_best, z_best = e, pi, si, zi
+            else:
+                better = e < best
+                best = torch.where(better, e, best)
+                p_best, s_best, z_best = (torch.where(better, a, b) for a, b in ((pi, p_best), (si, s_best),
+                                                                                 (zi, z_best)))
+        return p_best, s_best, z_best
+
+    coarse = torch.arange(CLIP_GRID, round(lo * CLIP_GRID) - 1, -5, device=w.device, dtype=torch.float32)
+    p, _, _ = best_of((coarse / CLIP_GRID).unsqueeze(1))
+    offsets = torch.tensor([0, -4, -3, -2, -1, 1, 2, 3, 4], device=w.device, dtype=torch.float32) * fine_step
+    fine = (p.unsqueeze(0) + offsets.unsqueeze(1)).clamp(lo, 1.0)  # (9, N), offset 0 first: ties keep it
+    _, scale, zero = best_of(fine)
+    return scale, zero
 
 
 def _quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
@@ -228,14 +285,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
     w[:, dead] = 0.0
 
     static = spec.uses_static_groups
-    if static:
-        # Grids fixed from the (dead-zeroed) original weight, one per group of original input rows.
-        wg = w.reshape(n, groups, gs)
-        st_scale, st_zero = grid_params(wg.amin(dim=2), wg.amax(dim=2), bits=spec.bits, sym=spec.sym)  # (N, G)
-        scales, zeros = st_scale.t().contiguous(), st_zero.t().contiguous()  # (G, N)
-    else:
-        scales = torch.empty(groups, n, dtype=torch.float32, device=device)
-        zeros = torch.empty(groups, n, dtype=torch.float32, device=device)
+    scales = torch.empty(groups, n, dtype=torch.float32, device=device)
+    zeros = torch.empty(groups, n, dtype=torch.float32, device=device)
+    w_orig = w  # the (dead-zeroed) original weight: static grids come from it (below, before any update)
 
     in_groups = spec.group_order and not spec.act_order  # processing order permutes within and among groups
     if spec.act_order:
@@ -259,6 +311,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
 
     hinv, damp_used = _upper_cholesky_of_inverse(h, spec.damp)  # (K, K) upper triangular
     del h
+    # "hessian" clip: what GPTQ pays per unit of squared error in each column, 1 / [H^-1]_kk (processing order)
+    col_cost = hinv.diagonal().square().reciprocal() if spec.clip == "hessian" else None
+
+    def group_grid(values, cols):
+        return search_grid(values, bits=spec.bits, sym=spec.sym, clip=spec.clip,
+                           weights=None if col_cost is None else col_cost[cols])
+
+    if static:  # grids fixed from the original weight, one per group of original input rows
+        pos = torch.argsort(perm)  # processing position of each original column
+        for g in range(groups):
+            scales[g], zeros[g] = group_grid(w_orig[:, g * gs:(g + 1) * gs], pos[g * gs:(g + 1) * gs])
+    del w_orig
 
     codes = torch.empty(n, k, dtype=torch.uint8, device=device)  # in processing order
     deq = torch.empty(n, k, dtype=torch.float32, device=device)
@@ -291,7 +355,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
                     if i > 0:
                         rest = rest - err1[:, :i] @ hinv[i1:col, i2:end]
                     cur = torch.cat([cur, rest], dim=1)
-                scale, zero = grid_params(cur.amin(dim=1), cur.amax(dim=1), bits=spec.bits, sym=spec.sym)
+                scale, zero = group_grid(cur, slice(col, end))
                 scales[g], zeros[g] = scale, zero
             if not (static or in_groups):
                 g_idx[perm_list[col]] = col // gs

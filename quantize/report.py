@@ -56,6 +56,12 @@ def format_report(manifest: dict) -> str:
         delta = 100.0 * (ppl["quantized"] / ppl["source"] - 1.0)
         lines.append(f"perplexity on {ppl['tokens']} held-out tokens: source {ppl['source']:.4f}, "
                      f"{q.get('method', '?')} {q.get('bits', '?')}-bit {ppl['quantized']:.4f} ({delta:+.2f} %)")
+    if q.get("method"):
+        order = "act-order" if q.get("desc_act") else ("group-aware order" if q.get("group_order") else "natural order")
+        lines.append(f"settings: {q['method']} {q.get('bits')}-bit, group {q.get('group_size')}, "
+                     f"{'sym' if q.get('sym') else 'asym'}"
+                     + (f", {order}, grid search {q.get('clip', 'none')}, damp {q.get('damp_percent')}"
+                        if q["method"] == "gptq" else ""))
     cal = q.get("calibration", {})
     if cal:
         lines.append(f"calibration: {cal.get('nsamples')} samples, {cal.get('tokens')} tokens from "
