@@ -403,6 +403,24 @@ def test_chunked_cfm_equals_one_masked_pass(speech):
     assert kv.nbytes() - ci.nbytes() == len(attn) * 10 * 2 * 200 * (2 * inner - dim) * 4  # steps, passes, fp32
     c = torch.cat([c, ci.run(mu[..., 200:], z[..., 200:])], -1)
     torch.testing.assert_close(c, one, atol=1e-5, rtol=0)
+    # the offline schedule (each Euler step chunk by chunk, a cache per estimator call) gives the same mel
+    torch.testing.assert_close(speech.cfm(mu, z), one, atol=1e-5, rtol=0)
+    torch.testing.assert_close(speech.cfm(mu, z), torch.cat([a, b], -1), atol=1e-6, rtol=0)
+
+
+def test_fast_mish_equals_torch_mish():
+    """flow.mish (one exp) against F.mish over the whole fp32 range, extremes included: 4e-7 relative."""
+    from omni_edge.flow import mish
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20000, generator=g) * 6, torch.linspace(-120, 120, 4801),
+                   torch.tensor([-1e30, -200.0, -88.0, -20.0, -1e-8, 0.0, 1e-8, 19.99, 20.0, 20.01, 88.0, 1e30])])
+    want = F.mish(x)
+    got = mish(x)
+    assert torch.isfinite(got).all()
+    assert ((got - want).abs() <= 4e-7 * want.abs() + 1e-30).all(), float((got - want).abs().max())
+    xb = x.to(torch.bfloat16)  # other dtypes: torch's own
+    assert torch.equal(mish(xb), F.mish(xb))
 
 
 def test_incremental_decoder_equals_offline(speech, vocoder):
