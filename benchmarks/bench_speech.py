@@ -93,6 +93,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--skip-stream", action="store_true", help="only the offline chain (no streaming rows)")
     ap.add_argument("--onnx", action="store_true", help="also time the exported fp32 graphs in onnxruntime "
                     "(estimator and vocoder trunk; exported first, which takes minutes at these sizes)")
     args = ap.parse_args()
@@ -192,7 +193,7 @@ def main():
             print(f"{'':16} (for the onnxrt rows, 'peer' is our torch module)")
 
         # streaming: compute of every push, time to first audio; with a preview after 10 codes and without
-        for first, cache in ((10, "kv"), (None, "kv"), (10, "inputs")):
+        for first, cache in (() if args.skip_stream else ((10, "kv"), (None, "kv"), (10, "inputs"))):
             got = {"first": None, "calls": 0}
 
             def on_audio(chunk):

@@ -27,9 +27,10 @@ all steps, then chunk 1, ... gives the same mel as one pass over the clause, pro
 see the earlier chunks' state at the same Euler step: per step, every attention layer keeps the K/V of the
 finished chunks and every causal conv its last k - 1 input frames (`StepCache`). That is how a stream
 decodes each chunk once (cost: 56 x 2 x 2 x 512 values per frame and step, 4.6 MB per mel frame in fp32,
-freed with the clause; or a quarter of that when the layers' inputs are kept and K/V recomputed), and how
-the offline decode runs too (each chunk attends to its own and earlier frames only, with no mask: fewer
-attention FLOPs than the masked full-length pass).
+freed with the clause; or a quarter of that when the layers' inputs are kept and K/V recomputed). The
+offline decode swaps the loops (`chunked`): per Euler step, chunk 0, 1, ... with a cache that lives for that
+one step, so nothing is recomputed and the cache is a tenth of the stream's. Either way each chunk attends to
+its own and earlier frames only, with no mask: fewer attention FLOPs than the masked full-length pass.
 """
 
 from __future__ import annotations
