@@ -78,6 +78,20 @@ def ab(ours, peer, reps):
     return stats(a), (stats(b) if b else None)
 
 
+def matmul_rate(reps: int = 10) -> float:
+    """fp32 torch matmul GFLOP/s at the estimator's most common GEMM: one chunk of 100 frames x 2 guided passes
+    through the fused q/k/v projection (200 x 256 @ 256 x 1536); median of `reps`."""
+    a, b = torch.randn(200, 256), torch.randn(256, 1536)
+    torch.matmul(a, b)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(20):
+            torch.matmul(a, b)
+        ts.append((time.perf_counter() - t0) / 20)
+    return 2 * 200 * 256 * 1536 / statistics.median(ts) / 1e9
+
+
 def row(name, secs, ours, peer=None):
     med, lo, hi = ours
     s = f"{name:<16} {secs:5.2f} s | ours {med:7.3f} s [{lo:.3f}-{hi:.3f}] RTF {med / secs:6.3f}"
@@ -117,6 +131,8 @@ def main():
           f"load average {os.getloadavg()[0]:.1f} (shared machine)")
     print(f"# params: decoder {n_par(speech.decoder):.1f} M, prenet {n_par(speech.prenet):.1f} M, "
           f"estimator {n_par(speech.estimator):.1f} M, vocoder {n_par(voc):.1f} M")
+    rate = matmul_rate()
+    print(f"# fp32 matmul rate measured here (200x256 @ 256x1536, torch, {args.threads} threads): {rate:.1f} GFLOP/s")
     onnx_est = onnx_trunk = None
     if args.onnx:
         from omni_edge.backends import OnnxGraph
@@ -177,6 +193,14 @@ def main():
         row("decoder+prenet", secs, ours_mu, peer_mu)
         ours_cfm, peer_cfm = ab(ours_cfm_fn, peer_cfm_fn, args.reps)
         row("cfm", secs, ours_cfm, peer_cfm)
+        from torch.utils.flop_counter import FlopCounterMode
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            ours_cfm_fn()
+        gf = fc.get_total_flops() / 1e9  # the estimator's linears and convolutions (attention is not counted)
+        print(f"{'':16} cfm matmul work {gf:.0f} GFLOP (linears + convs, attention not counted): ours "
+              f"{gf / ours_cfm[0]:.1f} GFLOP/s = {100 * gf / ours_cfm[0] / rate:.0f} % of the matmul rate"
+              + ("" if peer_cfm is None else f", peer {gf / peer_cfm[0]:.1f} GFLOP/s = "
+                 f"{100 * gf / peer_cfm[0] / rate:.0f} %"), flush=True)
         ours_voc, peer_voc = ab(lambda: voc(mel, phase=phase, source_noise=sn), peer_voc_fn, args.reps)
         row("vocoder", secs, ours_voc, peer_voc)
         chain = tuple(a + b + c for a, b, c in zip(ours_mu, ours_cfm, ours_voc))

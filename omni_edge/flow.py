@@ -28,9 +28,9 @@ see the earlier chunks' state at the same Euler step: per step, every attention 
 finished chunks and every causal conv its last k - 1 input frames (`StepCache`). That is how a stream
 decodes each chunk once (cost: 56 x 2 x 2 x 512 values per frame and step, 4.6 MB per mel frame in fp32,
 freed with the clause; or a quarter of that when the layers' inputs are kept and K/V recomputed). The
-offline decode swaps the loops (`chunked`): per Euler step, chunk 0, 1, ... with a cache that lives for that
-one step, so nothing is recomputed and the cache is a tenth of the stream's. Either way each chunk attends to
-its own and earlier frames only, with no mask: fewer attention FLOPs than the masked full-length pass.
+offline decode needs no cache: one pass per Euler step over the whole clause (the linears and convolutions at
+full length), whose attention runs chunk by chunk, the queries of chunk c against the keys < 100 (c + 1)
+(`CHUNKED`: no T x T mask, fewer attention FLOPs than the masked pass, the same values).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CHUNK = 100  # static_chunk_size = 2 * 25 * 2 mel frames (2 s)
+CHUNKED = "chunked"  # the attention mask argument for "the chunk mask, computed chunk by chunk" (no T x T mask)
 
 
 def attention(q, k, v, mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
@@ -222,7 +223,11 @@ class _Attention(nn.Module):
                 cache.store[self] = xs[:, :cache.offset + cache.keep]
         else:
             k, v = cached_kv(self, k, v, cache)
-        o = attention(q, k, v, mask)
+        if mask is CHUNKED:  # chunk c's queries see keys < (c + 1) * CHUNK: one unmasked call per chunk
+            o = torch.cat([attention(q[:, :, a:a + CHUNK], k[:, :, :a + CHUNK], v[:, :, :a + CHUNK])
+                           for a in range(0, t, CHUNK)], dim=2)
+        else:
+            o = attention(q, k, v, mask)
         return self.to_out[0](o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 
@@ -294,7 +299,10 @@ class Estimator(nn.Module):
         temb = self.time_embedding(t, x.dtype)
         n = x.shape[-1]
         if cache is None:
-            mask = None if (n <= CHUNK and not torch.onnx.is_in_onnx_export()) else chunk_mask(n, x.device)
+            if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+                mask = chunk_mask(n, x.device)  # exported graphs build the mask from the length
+            else:
+                mask = None if n <= CHUNK else CHUNKED
         else:
             if cache.offset // CHUNK != (cache.offset + n - 1) // CHUNK:
                 raise ValueError(f"estimator: a cached call covers one chunk, got frames [{cache.offset}, "
@@ -354,28 +362,6 @@ def cfm_solve(estimator, mu: torch.Tensor, noise: torch.Tensor, n_steps: int = 1
         if step < n_steps:
             dt = t_span[step + 1] - t
     return x
-
-
-def chunked(estimator, chunk: int = CHUNK):
-    """The estimator over a whole clause as a chain of one-chunk calls (same values as one masked pass): each
-    call gets a fresh "kv" `StepCache`, so chunk c attends to the K/V of chunks < c at the same Euler step and
-    the causal convolutions continue from the previous chunk. Nothing is computed twice, attention covers
-    only the frames the chunk mask lets through, and the cache lives for one estimator call (0.46 MB per mel
-    frame in fp32): the offline decode's schedule (Euler steps outside, chunks inside), as opposed to
-    `CfmStream`'s (chunks outside, every step's cache kept until the clause ends)."""
-
-    def run(x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        n = x.shape[-1]
-        if n <= chunk:
-            return estimator(x, mu, t)
-        cache, out = StepCache("kv"), []
-        for a in range(0, n, chunk):
-            b = min(n, a + chunk)
-            cache.offset, cache.keep = a, (b - a) if b < n else 0
-            out.append(estimator(x[..., a:b], mu[..., a:b], t, cache))
-        return torch.cat(out, dim=-1)
-
-    return run
 
 
 class CfmStream:

@@ -57,9 +57,8 @@ Streaming and what "equal to offline" means here (`SpeechStream`):
   of speech, K/V recomputed from them at each chunk for ~6% more CFM work; `cache="kv"` keeps K/V, 4x the
   memory (a 40 s clause would hold 4.6 GB); both freed at the clause end). A
   streamed clause costs its offline decode plus its previews (the first `first_codes` codes' frames, and
-  each `hop_codes` preview's partial chunk). The offline decode (`SpeechDecoder.cfm`) runs the other
-  schedule: Euler steps outside, each step over the clause chunk by chunk with a K/V cache that lives for
-  that one estimator call (`flow.chunked`: nothing recomputed, 0.46 MB per frame only while the step runs).
+  each `hop_codes` preview's partial chunk). The offline decode (`SpeechDecoder.cfm`) needs no cache: one
+  estimator pass per Euler step over the whole clause, its attention chunk by chunk (`flow.CHUNKED`).
 - Clauses are joined as the reference's `wave_concat` joins segments: an extra 240-sample linear cross-fade
   (last 240 samples of the previous clause fading out, first 240 of the next fading in) is inserted between
   them (MODEL.md §2.3). The vocoder's output is otherwise delivered unchanged (clamped to +-0.99 by HiFT).
@@ -75,8 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_edge.config import ModelConfig
-from omni_edge.flow import (CHUNK, CfmStream, Estimator, StepCache, attention, cached_kv, cfm_solve, chunked,
-                            fused_qkv)
+from omni_edge.flow import CHUNK, CfmStream, Estimator, StepCache, attention, cached_kv, cfm_solve, fused_qkv
 from omni_edge.ops import rvq
 
 N_MELS = 80
@@ -438,12 +436,10 @@ class SpeechDecoder(nn.Module):
 
     @torch.no_grad()
     def cfm(self, mu: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """mu, noise (1, 80, T) -> mel (1, 80, T) in mu's dtype: in torch each Euler step runs the clause chunk
-        by chunk (`flow.chunked`: the same values as one masked pass, no frame computed twice), through an
-        ONNX estimator one masked pass per step."""
+        """mu, noise (1, 80, T) -> mel (1, 80, T) in mu's dtype: one estimator pass per Euler step over the
+        whole clause (in torch with chunk-by-chunk attention, `flow.CHUNKED`; an ONNX graph with the mask)."""
         p = self.params
-        fn = chunked(self.estimator) if self.estimator_fn is self.estimator else self.estimator_fn
-        return cfm_solve(fn, mu, noise, p.n_steps, p.cfg_rate, p.scheduler)
+        return cfm_solve(self.estimator_fn, mu, noise, p.n_steps, p.cfg_rate, p.scheduler)
 
 
 def decode_clause(speech: SpeechDecoder, vocoder, codes, noise=None, *, seed: int = 0, fade: bool = True,

@@ -375,8 +375,10 @@ def test_stream_decodes_each_frame_once(speech, vocoder):
 
 
 def test_chunked_cfm_equals_one_masked_pass(speech):
-    """CfmStream (chunk by chunk, K/V and conv caches per Euler step) against one pass over the whole clause
-    with the chunk mask (cfm_solve): same values up to fp32 summation order (atol 1e-5 on unit-scale mels)."""
+    """CfmStream (chunk by chunk, K/V and conv caches per Euler step) against one pass per step over the whole
+    clause (cfm_solve; its attention chunk by chunk, which equals the reference's masked attention: see
+    test_estimator_matches_reference_across_chunks): same values up to fp32 summation order (atol 1e-5 on
+    unit-scale mels)."""
     from omni_edge.flow import cfm_solve
 
     g = torch.Generator().manual_seed(3)
@@ -403,9 +405,8 @@ def test_chunked_cfm_equals_one_masked_pass(speech):
     assert kv.nbytes() - ci.nbytes() == len(attn) * 10 * 2 * 200 * (2 * inner - dim) * 4  # steps, passes, fp32
     c = torch.cat([c, ci.run(mu[..., 200:], z[..., 200:])], -1)
     torch.testing.assert_close(c, one, atol=1e-5, rtol=0)
-    # the offline schedule (each Euler step chunk by chunk, a cache per estimator call) gives the same mel
-    torch.testing.assert_close(speech.cfm(mu, z), one, atol=1e-5, rtol=0)
-    torch.testing.assert_close(speech.cfm(mu, z), torch.cat([a, b], -1), atol=1e-6, rtol=0)
+    # the offline decode is that one pass per step
+    torch.testing.assert_close(speech.cfm(mu, z), one, atol=0, rtol=0)
 
 
 def test_fast_mish_equals_torch_mish():
