@@ -364,6 +364,17 @@ def bench_transformers(path, prompt_ids, steps: int, reps_prefill: int = 3):
     return len(prompt_ids) / statistics.median(pre), step_t[1:]
 
 
+def llama_steps(llm, prompt_ids, steps: int):
+    """Seconds of each of `steps` one-token evals after a prefill (the last prompt id fed again each time)."""
+    tok = int(prompt_ids[-1])
+    step_t = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        llm.eval([tok])
+        step_t.append(time.perf_counter() - t0)
+    return step_t
+
+
 def bench_llama_cpp(gguf_path, prompt_ids, steps: int, threads: int, reps_prefill: int = 3):
     import llama_cpp
 
@@ -376,13 +387,7 @@ def bench_llama_cpp(gguf_path, prompt_ids, steps: int, threads: int, reps_prefil
 
     pre = timed(prefill, reps_prefill)
     prefill()
-    tok = int(prompt_ids[-1])
-    step_t = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        llm.eval([tok])
-        step_t.append(time.perf_counter() - t0)
-    return len(prompt_ids) / statistics.median(pre), step_t[1:]
+    return len(prompt_ids) / statistics.median(pre), llama_steps(llm, prompt_ids, steps)[1:]
 
 
 def ort_genai_model(hf_path: str, cache_dir: Path) -> Path:
@@ -601,12 +606,7 @@ class LlamaCpp:
         t0 = time.perf_counter()
         llm.eval(prompt_ids)
         pre = len(prompt_ids) / (time.perf_counter() - t0)
-        tok = int(prompt_ids[-1])
-        step_t = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            llm.eval([tok])
-            step_t.append(time.perf_counter() - t0)
+        step_t = llama_steps(llm, prompt_ids, steps)
         return pre, step_t[1:] if len(step_t) > 2 else step_t
 
 

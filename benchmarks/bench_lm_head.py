@@ -35,16 +35,9 @@ if str(_TESTS) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the timing helpers of bench_backbone.py
 
 from bench_backbone import med_min_max, timed  # noqa: E402
+from bench_gptq_quality import FACTS  # noqa: E402  (the same factual prompts)
 
 FORMATS = ("fp32", "fp16", "bf16", "q8", "q8row", "q4")
-FACTS = [  # (prompt, any of these substrings counts as correct, case-insensitive); as bench_gptq_quality.py
-    ("What is the capital of France?", ["paris"]),
-    ("What is the capital of Japan?", ["tokyo"]),
-    ("How many days are there in a week?", ["seven", "7"]),
-    ("What is the largest planet in our solar system?", ["jupiter"]),
-    ("Who wrote the play Romeo and Juliet?", ["shakespeare"]),
-    ("What is the chemical formula of water?", ["h2o", "h₂o"]),
-]
 
 
 

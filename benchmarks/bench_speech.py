@@ -38,6 +38,7 @@ import tempfile
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -49,8 +50,8 @@ from omni_edge.testing import random_tensors, reference_config, write_tiny_vocod
 from omni_edge.vocoder import Vocoder, VocoderNoise  # noqa: E402
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tests", f"{name}.py"))
+def _load(name, folder="tests"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, folder, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -76,20 +77,6 @@ def ab(ours, peer, reps):
     def stats(ts):
         return statistics.median(ts), min(ts), max(ts)
     return stats(a), (stats(b) if b else None)
-
-
-def matmul_rate(reps: int = 10) -> float:
-    """fp32 torch matmul GFLOP/s at the estimator's most common GEMM: one chunk of 100 frames x 2 guided passes
-    through the fused q/k/v projection (200 x 256 @ 256 x 1536); median of `reps`."""
-    a, b = torch.randn(200, 256), torch.randn(256, 1536)
-    torch.matmul(a, b)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(20):
-            torch.matmul(a, b)
-        ts.append((time.perf_counter() - t0) / 20)
-    return 2 * 200 * 256 * 1536 / statistics.median(ts) / 1e9
 
 
 def row(name, secs, ours, peer=None):
@@ -131,7 +118,8 @@ def main():
           f"load average {os.getloadavg()[0]:.1f} (shared machine)")
     print(f"# params: decoder {n_par(speech.decoder):.1f} M, prenet {n_par(speech.prenet):.1f} M, "
           f"estimator {n_par(speech.estimator):.1f} M, vocoder {n_par(voc):.1f} M")
-    rate = matmul_rate()
+    # the estimator's most common GEMM: one chunk of 100 frames x 2 guided passes through the fused q/k/v
+    rate = _load("bench_vision", "benchmarks").matmul_rate(10, 200, 256, 1536)
     print(f"# fp32 matmul rate measured here (200x256 @ 256x1536, torch, {args.threads} threads): {rate:.1f} GFLOP/s")
     onnx_est = onnx_trunk = None
     if args.onnx:
@@ -193,7 +181,6 @@ def main():
         row("decoder+prenet", secs, ours_mu, peer_mu)
         ours_cfm, peer_cfm = ab(ours_cfm_fn, peer_cfm_fn, args.reps)
         row("cfm", secs, ours_cfm, peer_cfm)
-        from torch.utils.flop_counter import FlopCounterMode
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
             ours_cfm_fn()
         gf = fc.get_total_flops() / 1e9  # the estimator's linears and convolutions (attention is not counted)

@@ -48,10 +48,11 @@ def timed(fn, reps: int):
     return statistics.median(times), min(times), max(times)
 
 
-def matmul_rate(reps: int) -> float:
-    a, b = torch.randn(4096, 1280), torch.randn(1280, 5120)
+def matmul_rate(reps: int, m: int = 4096, k: int = 1280, n: int = 5120) -> float:
+    """fp32 torch matmul GFLOP/s of (m, k) @ (k, n), median of max(reps, 5) (bench_speech.py uses it too)."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
     med, _, _ = timed(lambda: torch.matmul(a, b), max(reps, 5))
-    return 2 * 4096 * 1280 * 5120 / med / 1e9
+    return 2 * m * k * n / med / 1e9
 
 
 def tower_flops(p: int, cfg, layers: int) -> float:
